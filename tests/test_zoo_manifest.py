@@ -1,0 +1,125 @@
+"""Manifest schema validation, name/tag lookup and the repository's own manifest + README."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from zoo_server import isolate_zoo, manifest_entry
+
+from mmfm import zoo
+from mmfm.errors import ZooError
+from mmfm.zoo.manifest import DEFAULT_MANIFEST, find_entry, load_manifest
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = b"weights"
+
+
+def write(tmp_path, monkeypatch, *entries):
+    return isolate_zoo(tmp_path, monkeypatch, list(entries))
+
+
+def test_unknown_name_suggests_close_matches(tmp_path, monkeypatch):
+    write(
+        tmp_path,
+        monkeypatch,
+        manifest_entry("mmfm-small-shapes", DATA, ["file:a"]),
+        manifest_entry("mmfm-base-coco", DATA, ["file:b"]),
+    )
+    with pytest.raises(ZooError, match=r"unknown model 'mmfm-smal-shapes'.*did you mean mmfm-small-shapes\?"):
+        zoo.resolve("mmfm-smal-shapes")
+
+
+def test_unknown_name_without_close_match_points_to_the_list(tmp_path, monkeypatch):
+    write(tmp_path, monkeypatch, manifest_entry("mmfm-small-shapes", DATA, ["file:a"]))
+    with pytest.raises(ZooError, match="mmfm zoo list"):
+        zoo.info("resnet")
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda e: e.pop("license"), r"entry #0 \(tiny\): missing key 'license'"),
+        (lambda e: e.update(colour="red"), r"entry #0 \(tiny\): unknown key 'colour'"),
+        (lambda e: e["files"]["weights"].pop("sha256"), r"files\.weights: missing key 'sha256'"),
+        (lambda e: e["files"]["weights"].update(sha256="abc"), "64 hex digits"),
+        (lambda e: e["files"]["weights"].update(sources=["ftp://x/y"]), "must start with one of"),
+        (lambda e: e.update(task="dance"), "task 'dance' is not one of"),
+        (lambda e: e["preprocessing"].update(crop=1), r"preprocessing: unknown key 'crop'"),
+    ],
+)
+def test_schema_errors_name_entry_and_key(tmp_path, monkeypatch, change, message):
+    entry = manifest_entry("tiny", DATA, ["file:a"])
+    change(entry)
+    write(tmp_path, monkeypatch, entry)
+    with pytest.raises(ZooError, match=message):
+        load_manifest()
+
+
+def test_duplicate_names_are_rejected(tmp_path, monkeypatch):
+    write(
+        tmp_path,
+        monkeypatch,
+        manifest_entry("tiny", DATA, ["file:a"]),
+        manifest_entry("tiny", DATA, ["file:b"]),
+    )
+    with pytest.raises(ZooError, match="'tiny' appears twice"):
+        load_manifest()
+
+
+def test_tag_picks_the_entry_of_an_architecture(tmp_path, monkeypatch):
+    write(
+        tmp_path,
+        monkeypatch,
+        manifest_entry("tiny-shapes", DATA, ["file:a"], tags=["shapes"]),
+        manifest_entry("tiny-coco", DATA, ["file:b"], tags=["coco"]),
+    )
+    assert find_entry("tiny", tag="coco").name == "tiny-coco"
+    assert find_entry("tiny-shapes", tag="shapes").name == "tiny-shapes"
+    with pytest.raises(ZooError, match=r"no zoo entry tagged 'vqa'; tags available: \['coco', 'shapes'\]"):
+        find_entry("tiny", tag="vqa")
+
+
+def test_list_models_and_info(tmp_path, monkeypatch):
+    write(
+        tmp_path,
+        monkeypatch,
+        manifest_entry("b-model", DATA, ["file:b"]),
+        manifest_entry("a-model", DATA, ["file:a"], task="vqa"),
+    )
+    assert zoo.list_models() == ["a-model", "b-model"]
+    assert zoo.list_models(task="vqa") == ["a-model"]
+    assert zoo.list_models(pretrained=False) == ["tiny"]
+    details = zoo.info("a-model")
+    assert details["metrics"] == {"txt_r1": 12.5}
+    assert details["cache_path"].endswith("a-model/" + details["files"]["weights"]["sha256"][:12] + "/a")
+
+
+def test_missing_manifest_names_the_env_variable(tmp_path, monkeypatch):
+    monkeypatch.setenv("MMFM_ZOO_MANIFEST", str(tmp_path / "nope.yaml"))
+    with pytest.raises(ZooError, match=r"nope\.yaml not found; check MMFM_ZOO_MANIFEST"):
+        zoo.list_models()
+
+
+def test_repository_manifest_is_valid_and_documents_the_schema():
+    assert isinstance(load_manifest(DEFAULT_MANIFEST), list)
+    text = DEFAULT_MANIFEST.read_text()
+    assert text.startswith("# mmfm model zoo manifest") and "sha256" in text
+    assert isinstance(yaml.safe_load(text), list)
+
+
+def test_repository_readme_is_up_to_date():
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "tools" / "make_zoo_readme.py"),
+            "--check",
+            "--manifest",
+            str(DEFAULT_MANIFEST),
+        ],
+        capture_output=True,
+        check=False,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
