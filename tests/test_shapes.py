@@ -16,8 +16,14 @@ from mmfm.errors import DataError
 
 IMAGES, VIDEOS = 60, 16
 REPO = Path(__file__).resolve().parent.parent
-PLURAL_TO_SHAPE = {"circles": "circle", "squares": "square", "triangles": "triangle",
-                   "diamonds": "diamond", "crosses": "cross", "stars": "star"}
+PLURAL_TO_SHAPE = {
+    "circles": "circle",
+    "squares": "square",
+    "triangles": "triangle",
+    "diamonds": "diamond",
+    "crosses": "cross",
+    "stars": "star",
+}
 
 
 def _load_make_data():
@@ -39,8 +45,11 @@ def _load(corpus: Path, name: str):
 
 
 def _annotation_bytes(directory: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted((directory / "annotations").glob("*.json"))
-            if p.name != "summary.json"}
+    return {
+        p.name: p.read_bytes()
+        for p in sorted((directory / "annotations").glob("*.json"))
+        if p.name != "summary.json"
+    }
 
 
 def _left_of(a: dict, b: dict) -> bool:
@@ -51,8 +60,12 @@ def _above(a: dict, b: dict) -> bool:
     return a["bbox"][3] < b["bbox"][1]
 
 
-RELATION_TESTS = {"left of": _left_of, "right of": lambda a, b: _left_of(b, a),
-                  "above": _above, "below": lambda a, b: _above(b, a)}
+RELATION_TESTS = {
+    "left of": _left_of,
+    "right of": lambda a, b: _left_of(b, a),
+    "above": _above,
+    "below": lambda a, b: _above(b, a),
+}
 
 
 def _find(objects: list[dict], color: str, shape: str) -> dict:
@@ -152,12 +165,16 @@ def test_captions_are_short_and_name_every_object(corpus):
         assert len(set(entry["caption"])) == 5
         for caption in entry["caption"]:
             assert len(caption.split()) <= 20
-            assert all(f"{o['color']} {o['shape']}" in caption for o in video_scenes[entry["video"]]["objects"])
+            assert all(
+                f"{o['color']} {o['shape']}" in caption for o in video_scenes[entry["video"]]["objects"]
+            )
 
 
 def test_relation_captions_are_true(corpus):
-    pattern = re.compile(r"an? (?:small |large )?(\w+) (\w+) (?:is )?(?:to the )?(left of|right of|above|below) "
-                         r"an? (?:small |large )?(\w+) (\w+)")
+    pattern = re.compile(
+        r"an? (?:small |large )?(\w+) (\w+) (?:is )?(?:to the )?(left of|right of|above|below) "
+        r"an? (?:small |large )?(\w+) (\w+)"
+    )
     checked = 0
     for split in ("train", "test"):
         scenes = {s["image"]: s["objects"] for s in _load(corpus, f"scenes_{split}.json")}
@@ -189,10 +206,10 @@ def test_masks_and_pixels_agree_with_scenes(corpus):
         classes = {shapes.SHAPES.index(o["shape"]) + 1 for o in scene["objects"]}
         assert set(np.unique(mask)) == {0} | classes
         for obj in scene["objects"]:
-            x0, y0, x1, y1 = (int(round(v)) for v in obj["bbox"])
-            inside = mask[y0:y1 + 1, x0:x1 + 1] == shapes.SHAPES.index(obj["shape"]) + 1
+            x0, y0, x1, y1 = (round(v) for v in obj["bbox"])
+            inside = mask[y0 : y1 + 1, x0 : x1 + 1] == shapes.SHAPES.index(obj["shape"]) + 1
             assert inside.sum() > 10
-            mean = image[y0:y1 + 1, x0:x1 + 1][inside].mean(axis=0)
+            mean = image[y0 : y1 + 1, x0 : x1 + 1][inside].mean(axis=0)
             assert np.abs(mean - shapes.COLORS[obj["color"]]).max() < 25, (obj, mean)
 
 
@@ -216,8 +233,13 @@ def test_novel_split_holds_pairs_never_seen_elsewhere(corpus):
     assert len(held_out) == 6
     for scene in _load(corpus, "scenes_test_novel.json"):
         assert any((o["color"], o["shape"]) in held_out for o in scene["objects"])
-    for name in ("scenes_train.json", "scenes_val.json", "scenes_test.json",
-                 "video_scenes_train.json", "video_scenes_test.json"):
+    for name in (
+        "scenes_train.json",
+        "scenes_val.json",
+        "scenes_test.json",
+        "video_scenes_train.json",
+        "video_scenes_test.json",
+    ):
         for scene in _load(corpus, name):
             for obj in scene["objects"]:
                 assert (obj["color"], obj["shape"]) not in held_out
@@ -227,8 +249,13 @@ def test_novel_split_holds_pairs_never_seen_elsewhere(corpus):
 def test_binding_probes_swap_two_colours_and_are_false(corpus):
     scenes = {s["image"]: s["objects"] for s in _load(corpus, "scenes_test.json")}
     probes = _load(corpus, "binding_test.json")
-    eligible = [im for im, objs in scenes.items() if len({(o["color"], o["shape"]) for o in objs}) >= 2
-                and len({o["color"] for o in objs}) >= 2 and len({o["shape"] for o in objs}) >= 2]
+    eligible = [
+        im
+        for im, objs in scenes.items()
+        if len({(o["color"], o["shape"]) for o in objs}) >= 2
+        and len({o["color"] for o in objs}) >= 2
+        and len({o["shape"] for o in objs}) >= 2
+    ]
     assert {p["image"] for p in probes} >= set(eligible) and probes
     for probe in probes:
         truth, swapped = probe["caption"].split(), probe["swapped"].split()
@@ -279,8 +306,11 @@ def test_videos_decode_and_objects_move_as_stated(corpus):
 def test_event_videos_exist_and_change_colour_midway(corpus):
     import decord
 
-    scenes = [s for s in _load(corpus, "video_scenes_train.json")
-              if any(o["event"] and o["event"]["type"] == "color_change" for o in s["objects"])]
+    scenes = [
+        s
+        for s in _load(corpus, "video_scenes_train.json")
+        if any(o["event"] and o["event"]["type"] == "color_change" for o in s["objects"])
+    ]
     assert scenes
     scene = scenes[0]
     obj = next(o for o in scene["objects"] if o["event"])
@@ -293,8 +323,15 @@ def test_event_videos_exist_and_change_colour_midway(corpus):
     assert pixels_of(frames[1], obj["event"]["to"]) > 10 and pixels_of(frames[1], obj["color"]) < 3
 
 
-@pytest.mark.parametrize("flag, value, named", [("--images", "-1", "images"), ("--size", "16", "size"),
-                                                ("--frames", "1", "frames"), ("--videos", "-3", "videos")])
+@pytest.mark.parametrize(
+    "flag, value, named",
+    [
+        ("--images", "-1", "images"),
+        ("--size", "16", "size"),
+        ("--frames", "1", "frames"),
+        ("--videos", "-3", "videos"),
+    ],
+)
 def test_bad_cli_arguments_name_the_argument(tmp_path, flag, value, named):
     make_data = _load_make_data()
     with pytest.raises(SystemExit, match=named):
@@ -313,6 +350,7 @@ def test_unusable_out_directory_is_a_clear_error(tmp_path):
 def test_if_missing_skips_an_existing_corpus(corpus, capsys):
     summary = corpus / "annotations" / "summary.json"
     before = summary.read_bytes()
-    _load_make_data().main(["shapes", "--out", str(corpus), "--images", str(IMAGES), "--videos", str(VIDEOS),
-                            "--if-missing"])
+    _load_make_data().main(
+        ["shapes", "--out", str(corpus), "--images", str(IMAGES), "--videos", str(VIDEOS), "--if-missing"]
+    )
     assert "nothing to do" in capsys.readouterr().out and summary.read_bytes() == before

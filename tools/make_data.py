@@ -12,8 +12,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mmfm.data import shapes  # noqa: E402
-from mmfm.errors import DataError  # noqa: E402
+from mmfm.data import shapes
+from mmfm.errors import DataError
 
 
 def _existing_params(out: Path) -> dict | None:
@@ -26,9 +26,13 @@ def _existing_params(out: Path) -> dict | None:
 def _print_summary(summary: dict) -> None:
     print(f"{'split':<11} {'images':>7} {'videos':>7} {'img QA':>7} {'vid QA':>7}")
     for split, c in summary["counts"].items():
-        print(f"{split:<11} {c['images']:>7} {c['videos']:>7} {c['image_questions']:>7} {c['video_questions']:>7}")
-    print(f"binding probes: {summary['binding_probes']}; "
-          f"{summary['timing']['seconds']} s on {summary['timing']['workers']} workers")
+        print(
+            f"{split:<11} {c['images']:>7} {c['videos']:>7} {c['image_questions']:>7} {c['video_questions']:>7}"
+        )
+    print(
+        f"binding probes: {summary['binding_probes']}; "
+        f"{summary['timing']['seconds']} s on {summary['timing']['workers']} workers"
+    )
 
 
 def write_grid_preview(data_dir: Path, path: Path, count: int = 12) -> None:
@@ -41,16 +45,22 @@ def write_grid_preview(data_dir: Path, path: Path, count: int = 12) -> None:
     questions = json.loads((annotations / "vqa_test.json").read_text())
     types = ("count", "color", "relation", "exists", "shape")
     columns = 4
-    fig, axes = plt.subplots((len(entries) + columns - 1) // columns, columns, figsize=(10, 3.5 * len(entries) / columns))
+    fig, axes = plt.subplots(
+        (len(entries) + columns - 1) // columns, columns, figsize=(10, 3.5 * len(entries) / columns)
+    )
     for k, (ax, entry) in enumerate(zip(axes.flat, entries)):
         own = [q for q in questions if q["image"] == entry["image"]]
         wanted = [q for q in own if q["question_type"] == types[k % len(types)]] or own
         qa = wanted[0]
         ax.imshow(Image.open(data_dir / entry["image"]), interpolation="nearest")
         ax.set_axis_off()
-        ax.set_title(_wrap(entry["caption"][0], 38) + f"\nQ: {qa['question']}\nA: {qa['answer'][0]}",
-                     fontsize=7, y=-0.03, va="top")
-    for ax in list(axes.flat)[len(entries):]:
+        ax.set_title(
+            _wrap(entry["caption"][0], 38) + f"\nQ: {qa['question']}\nA: {qa['answer'][0]}",
+            fontsize=7,
+            y=-0.03,
+            va="top",
+        )
+    for ax in list(axes.flat)[len(entries) :]:
         ax.set_axis_off()
     fig.tight_layout()
     fig.savefig(path, dpi=80)
@@ -70,7 +80,9 @@ def write_video_preview(data_dir: Path, path: Path, count: int = 2, frame_step: 
     lively += [s for s in scenes if s not in lively and any(o["motion"] != "none" for o in s["objects"])]
     chosen = lively[:count]
     steps = list(range(0, chosen[0]["frames"], frame_step))
-    fig, axes = plt.subplots(len(chosen), len(steps), figsize=(1.25 * len(steps), 2.0 * len(chosen)), squeeze=False)
+    fig, axes = plt.subplots(
+        len(chosen), len(steps), figsize=(1.25 * len(steps), 2.0 * len(chosen)), squeeze=False
+    )
     for row, scene in zip(axes, chosen):
         frames = decord.VideoReader(str(data_dir / scene["video"])).get_batch(steps).asnumpy()
         for ax, frame, step in zip(row, frames, steps):
@@ -80,8 +92,13 @@ def write_video_preview(data_dir: Path, path: Path, count: int = 2, frame_step: 
         own = [q for q in questions if q["video"] == scene["video"]]
         preferred = ("appear", "disappear", "color_change", "direction", "count_moving", "event")
         qa = min(own, key=lambda q: preferred.index(q["question_type"]))
-        row[0].text(0, scene["size"] * 1.12, f"{captions[scene['video']][0]}\nQ: {qa['question']}  A: {qa['answer'][0]}",
-                    fontsize=8, va="top")
+        row[0].text(
+            0,
+            scene["size"] * 1.12,
+            f"{captions[scene['video']][0]}\nQ: {qa['question']}  A: {qa['answer'][0]}",
+            fontsize=8,
+            va="top",
+        )
     fig.subplots_adjust(left=0.02, right=0.98, top=0.93, bottom=0.12, hspace=0.7, wspace=0.08)
     fig.savefig(path, dpi=80)
     plt.close(fig)
@@ -99,7 +116,13 @@ def _wrap(text: str, width: int) -> str:
 
 
 def shapes_command(args: argparse.Namespace) -> int:
-    params = {"images": args.images, "videos": args.videos, "size": args.size, "frames": args.frames, "seed": args.seed}
+    params = {
+        "images": args.images,
+        "videos": args.videos,
+        "size": args.size,
+        "frames": args.frames,
+        "seed": args.seed,
+    }
     if args.if_missing and _existing_params(args.out) == params:
         print(f"ShapesWorld already in {args.out} (same parameters); nothing to do")
     else:

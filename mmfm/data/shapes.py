@@ -37,17 +37,35 @@ DEFAULT_IMAGES = 20000
 DEFAULT_VIDEOS = 4000
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross", "star")
-PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles",
-           "diamond": "diamonds", "cross": "crosses", "star": "stars"}
+PLURALS = {
+    "circle": "circles",
+    "square": "squares",
+    "triangle": "triangles",
+    "diamond": "diamonds",
+    "cross": "crosses",
+    "star": "stars",
+}
 COLORS = {
-    "red": (220, 40, 40), "green": (40, 190, 60), "blue": (60, 110, 255), "yellow": (240, 225, 40),
-    "purple": (165, 70, 220), "orange": (250, 140, 20), "white": (240, 240, 240), "gray": (140, 140, 140),
+    "red": (220, 40, 40),
+    "green": (40, 190, 60),
+    "blue": (60, 110, 255),
+    "yellow": (240, 225, 40),
+    "purple": (165, 70, 220),
+    "orange": (250, 140, 20),
+    "white": (240, 240, 240),
+    "gray": (140, 140, 140),
 }
 SIZES = {"small": 0.19, "large": 0.28}  # object diameter as a fraction of the image side
 ALL_PAIRS = tuple((color, shape) for color in COLORS for shape in SHAPES)
 # One held-out pair per shape and per colour, so every colour and every shape is still seen in training.
-HELD_OUT_PAIRS = (("red", "star"), ("green", "cross"), ("blue", "triangle"),
-                  ("yellow", "circle"), ("purple", "square"), ("orange", "diamond"))
+HELD_OUT_PAIRS = (
+    ("red", "star"),
+    ("green", "cross"),
+    ("blue", "triangle"),
+    ("yellow", "circle"),
+    ("purple", "square"),
+    ("orange", "diamond"),
+)
 SEEN_PAIRS = tuple(pair for pair in ALL_PAIRS if pair not in HELD_OUT_PAIRS)
 
 IMAGE_SPLITS = ("train", "val", "test", "test_novel")
@@ -67,9 +85,17 @@ TEST_PARTITION = 16  # one scene description in 16 may only be drawn in test, ne
 NUMBER_WORDS = ("zero", "one", "two", "three", "four")
 DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 RELATIONS = ("left of", "right of", "above", "below")
-CELL_PHRASES = {(0, 0): "in the top left", (0, 1): "at the top", (0, 2): "in the top right",
-                (1, 0): "on the left", (1, 1): "in the center", (1, 2): "on the right",
-                (2, 0): "in the bottom left", (2, 1): "at the bottom", (2, 2): "in the bottom right"}
+CELL_PHRASES = {
+    (0, 0): "in the top left",
+    (0, 1): "at the top",
+    (0, 2): "in the top right",
+    (1, 0): "on the left",
+    (1, 1): "in the center",
+    (1, 2): "on the right",
+    (2, 0): "in the bottom left",
+    (2, 1): "at the bottom",
+    (2, 2): "in the bottom right",
+}
 MOTION_PHRASES = {
     "left": ("moves left", "moves to the left", "slides left", "goes left"),
     "right": ("moves right", "moves to the right", "slides right", "goes right"),
@@ -78,11 +104,13 @@ MOTION_PHRASES = {
     "none": ("stays still", "does not move", "stays in place", "is still"),
 }
 IMAGE_ANSWERS = tuple(sorted({*COLORS, *SHAPES, *map(str, range(MAX_IMAGE_OBJECTS + 1)), "yes", "no"}))
-VIDEO_ANSWERS = tuple(sorted({*COLORS, *SHAPES, *map(str, range(MAX_VIDEO_OBJECTS + 1)), "yes", "no",
-                              *DIRECTIONS, "nowhere"}))
+VIDEO_ANSWERS = tuple(
+    sorted({*COLORS, *SHAPES, *map(str, range(MAX_VIDEO_OBJECTS + 1)), "yes", "no", *DIRECTIONS, "nowhere"})
+)
 
 
 # ---------------------------------------------------------------- small helpers
+
 
 def _rng(seed: int, split: str, index: int, purpose: str) -> random.Random:
     return random.Random(f"{seed}:{split}:{index}:{purpose}")
@@ -115,6 +143,7 @@ def eval_count(train_count: int, divisor: int, low: int, high: int) -> int:
 
 # ---------------------------------------------------------------- scenes
 
+
 def canonical_description(objects: list[dict]) -> str:
     """The scene as one order-free string; two scenes are 'the same' when these are equal."""
     return "; ".join(sorted(f"{o['size']} {o['color']} {o['shape']} {o['row']},{o['col']}" for o in objects))
@@ -132,8 +161,13 @@ def _place_in_cell(rng: random.Random, image_size: int, size: str, cell: int) ->
     jitter = max(0.0, cell_px / 2 - radius - 1)  # keeps the whole object inside its cell
     cx = (col + 0.5) * cell_px + rng.uniform(-jitter, jitter)
     cy = (row + 0.5) * cell_px + rng.uniform(-jitter, jitter)
-    return {"row": row, "col": col, "center": [round(cx, 2), round(cy, 2)], "radius": round(radius, 2),
-            "bbox": [round(cx - radius, 2), round(cy - radius, 2), round(cx + radius, 2), round(cy + radius, 2)]}
+    return {
+        "row": row,
+        "col": col,
+        "center": [round(cx, 2), round(cy, 2)],
+        "radius": round(radius, 2),
+        "bbox": [round(cx - radius, 2), round(cy - radius, 2), round(cx + radius, 2), round(cy + radius, 2)],
+    }
 
 
 def _sample_image_objects(rng: random.Random, image_size: int, novel: bool) -> list[dict]:
@@ -148,8 +182,9 @@ def _sample_image_objects(rng: random.Random, image_size: int, novel: bool) -> l
     objects = []
     for (color, shape), cell in zip(pairs, cells):
         size = rng.choice(tuple(SIZES))
-        objects.append({"shape": shape, "color": color, "size": size,
-                        **_place_in_cell(rng, image_size, size, cell)})
+        objects.append(
+            {"shape": shape, "color": color, "size": size, **_place_in_cell(rng, image_size, size, cell)}
+        )
     return objects
 
 
@@ -168,14 +203,25 @@ def sample_image_scenes(split: str, count: int, image_size: int, seed: int) -> l
             elif description not in seen and (split == "test_novel" or _in_test_partition(description)):
                 seen.add(description)
                 break
-        scenes.append({"image_id": index, "image": f"images/{split}/{index:06d}.png",
-                       "mask": f"masks/{split}/{index:06d}.png", "size": image_size, "objects": objects})
+        scenes.append(
+            {
+                "image_id": index,
+                "image": f"images/{split}/{index:06d}.png",
+                "mask": f"masks/{split}/{index:06d}.png",
+                "size": image_size,
+                "objects": objects,
+            }
+        )
     return scenes
 
 
 def _swept_box(start: list[float], end: list[float], radius: float) -> tuple[float, ...]:
-    return (min(start[0], end[0]) - radius - 1, min(start[1], end[1]) - radius - 1,
-            max(start[0], end[0]) + radius + 1, max(start[1], end[1]) + radius + 1)
+    return (
+        min(start[0], end[0]) - radius - 1,
+        min(start[1], end[1]) - radius - 1,
+        max(start[0], end[0]) + radius + 1,
+        max(start[1], end[1]) + radius + 1,
+    )
 
 
 def _boxes_overlap(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
@@ -205,8 +251,18 @@ def _sample_video_objects(rng: random.Random, image_size: int, frames: int) -> l
             box = _swept_box(start, end, radius)
             if not any(_boxes_overlap(box, other) for other in boxes):
                 boxes.append(box)
-                objects.append({"shape": shape, "color": color, "size": size, "radius": radius,
-                                "motion": motion, "start": start, "end": end, "event": None})
+                objects.append(
+                    {
+                        "shape": shape,
+                        "color": color,
+                        "size": size,
+                        "radius": radius,
+                        "motion": motion,
+                        "start": start,
+                        "end": end,
+                        "event": None,
+                    }
+                )
                 break
     if rng.random() < VIDEO_EVENT_PROB:
         _add_event(rng, objects, frames)
@@ -228,12 +284,20 @@ def _add_event(rng: random.Random, objects: list[dict], frames: int) -> None:
 
 def sample_video_scenes(split: str, count: int, image_size: int, frames: int, seed: int) -> list[dict]:
     """Draw `count` video scenes of `split` (objects with motion and at most one event)."""
-    return [{"video_id": index, "video": f"videos/{split}/{index:06d}.mp4", "size": image_size,
-             "frames": frames, "objects": _sample_video_objects(_rng(seed, split, index, "video"), image_size, frames)}
-            for index in range(count)]
+    return [
+        {
+            "video_id": index,
+            "video": f"videos/{split}/{index:06d}.mp4",
+            "size": image_size,
+            "frames": frames,
+            "objects": _sample_video_objects(_rng(seed, split, index, "video"), image_size, frames),
+        }
+        for index in range(count)
+    ]
 
 
 # ---------------------------------------------------------------- relations and image text
+
 
 def relations_between(a: dict, b: dict) -> list[str]:
     """Every relation word true of `a` relative to `b` (objects sit in distinct cells of a 3x3 grid)."""
@@ -281,13 +345,17 @@ def _caption_relation(objects: list[dict], rng: random.Random) -> str:
     verb = rng.choice(("", "is "))
     caption = f"{_phrase(a, with_size)} {verb}{relation} {_phrase(b, with_size)}"
     if rest:
-        caption += rng.choice((", plus ", ", along with ", " and also ")) + _join([_phrase(o, False) for o in rest])
+        caption += rng.choice((", plus ", ", along with ", " and also ")) + _join(
+            [_phrase(o, False) for o in rest]
+        )
     return caption
 
 
 def _caption_positions(objects: list[dict], rng: random.Random) -> str:
     with_size = rng.random() < 0.3
-    return _join([f"{_phrase(o, with_size)} {CELL_PHRASES[o['row'], o['col']]}" for o in _shuffled(objects, rng)])
+    return _join(
+        [f"{_phrase(o, with_size)} {CELL_PHRASES[o['row'], o['col']]}" for o in _shuffled(objects, rng)]
+    )
 
 
 def _pick_captions(templates: tuple, scene_objects: list[dict], rng: random.Random) -> list[str]:
@@ -306,14 +374,20 @@ def _pick_captions(templates: tuple, scene_objects: list[dict], rng: random.Rand
 
 def image_captions(objects: list[dict], rng: random.Random) -> list[str]:
     """Five true captions; every one names each object's colour and shape."""
-    return _pick_captions((_caption_list, _caption_count, _caption_relation, _caption_positions), objects, rng)
+    return _pick_captions(
+        (_caption_list, _caption_count, _caption_relation, _caption_positions), objects, rng
+    )
 
 
 def _count_questions(objects: list[dict], rng: random.Random) -> list[dict]:
     shape, color = rng.choice(SHAPES), rng.choice(tuple(COLORS))
-    return [_vqa("how many objects are there?", str(len(objects)), "count"),
-            _vqa(f"how many {PLURALS[shape]} are there?", str(sum(o["shape"] == shape for o in objects)), "count"),
-            _vqa(f"how many {color} objects are there?", str(sum(o["color"] == color for o in objects)), "count")]
+    return [
+        _vqa("how many objects are there?", str(len(objects)), "count"),
+        _vqa(
+            f"how many {PLURALS[shape]} are there?", str(sum(o["shape"] == shape for o in objects)), "count"
+        ),
+        _vqa(f"how many {color} objects are there?", str(sum(o["color"] == color for o in objects)), "count"),
+    ]
 
 
 def _attribute_questions(objects: list[dict], rng: random.Random) -> list[dict]:
@@ -333,8 +407,10 @@ def _exists_questions(objects: list[dict], rng: random.Random) -> list[dict]:
     absent = binding or [pair for pair in ALL_PAIRS if pair not in present]
     color, shape = rng.choice(sorted(present))
     negative = rng.choice(sorted(absent))
-    return [_vqa(f"is there {_article(f'{color} {shape}')}?", "yes", "exists"),
-            _vqa(f"is there {_article(' '.join(negative))}?", "no", "exists")]
+    return [
+        _vqa(f"is there {_article(f'{color} {shape}')}?", "yes", "exists"),
+        _vqa(f"is there {_article(' '.join(negative))}?", "no", "exists"),
+    ]
 
 
 def _relation_questions(objects: list[dict], rng: random.Random) -> list[dict]:
@@ -347,15 +423,19 @@ def _relation_questions(objects: list[dict], rng: random.Random) -> list[dict]:
     for relation in _shuffled(RELATIONS, rng):
         matches = [o for o in objects if o is not b and relation in relations_between(o, b)]
         if len(matches) == 1:
-            questions.append(_vqa(f"what shape is {relation} the {_name(b)}?", matches[0]["shape"], "relation"))
+            questions.append(
+                _vqa(f"what shape is {relation} the {_name(b)}?", matches[0]["shape"], "relation")
+            )
             break
     return questions
 
 
 def image_questions(objects: list[dict], rng: random.Random) -> list[dict]:
     """Up to QUESTIONS_PER_IMAGE questions, drawn round-robin over the question types."""
-    groups = [_shuffled(make(objects, rng), rng) for make in
-              (_count_questions, _attribute_questions, _exists_questions, _relation_questions)]
+    groups = [
+        _shuffled(make(objects, rng), rng)
+        for make in (_count_questions, _attribute_questions, _exists_questions, _relation_questions)
+    ]
     return _round_robin(_shuffled(groups, rng), QUESTIONS_PER_IMAGE)
 
 
@@ -374,17 +454,20 @@ def _round_robin(groups: list[list[dict]], limit: int) -> list[dict]:
 def binding_probe(objects: list[dict], rng: random.Random) -> tuple[str, str] | None:
     """A full caption and its twin with two objects' colours swapped, chosen so the twin is false."""
     truth = sorted((o["size"], o["color"], o["shape"]) for o in objects)
-    for a, b in _shuffled([(a, b) for i, a in enumerate(objects) for b in objects[i + 1:]], rng):
+    for a, b in _shuffled([(a, b) for i, a in enumerate(objects) for b in objects[i + 1 :]], rng):
         swapped_colors = {id(a): b["color"], id(b): a["color"]}
         swapped = [{**o, "color": swapped_colors.get(id(o), o["color"])} for o in objects]
         if sorted((o["size"], o["color"], o["shape"]) for o in swapped) != truth:
             order = _shuffled(range(len(objects)), rng)
-            return (_join([_phrase(objects[i], True) for i in order]),
-                    _join([_phrase(swapped[i], True) for i in order]))
+            return (
+                _join([_phrase(objects[i], True) for i in order]),
+                _join([_phrase(swapped[i], True) for i in order]),
+            )
     return None
 
 
 # ---------------------------------------------------------------- video text
+
 
 def _subject(obj: dict, rng: random.Random) -> str:
     return rng.choice((_article(_name(obj)), "the " + _name(obj)))
@@ -399,8 +482,10 @@ def _video_clause(obj: dict, rng: random.Random) -> str:
         if obj["motion"] == "none":
             return f"{subject} {change}"
         return f"{subject} {rng.choice(MOTION_PHRASES[obj['motion']])} and {change}"
-    verb = {"appear": ("appears", "appears midway", "shows up"),
-            "disappear": ("disappears", "disappears midway", "vanishes")}[event["type"]]
+    verb = {
+        "appear": ("appears", "appears midway", "shows up"),
+        "disappear": ("disappears", "disappears midway", "vanishes"),
+    }[event["type"]]
     return f"{subject} {rng.choice(verb)}"
 
 
@@ -412,8 +497,8 @@ def _video_caption_clauses(objects: list[dict], rng: random.Random) -> str:
 
 
 def _video_caption_prefixed(objects: list[dict], rng: random.Random) -> str:
-    prefix = rng.choice(("in this video, ", "in the clip, ", f"{NUMBER_WORDS[len(objects)]} "
-                         f"{'object' if len(objects) == 1 else 'objects'}: "))
+    counted = f"{NUMBER_WORDS[len(objects)]} {'object' if len(objects) == 1 else 'objects'}: "
+    prefix = rng.choice(("in this video, ", "in the clip, ", counted))
     return prefix + _video_caption_clauses(objects, rng)
 
 
@@ -424,12 +509,22 @@ def video_captions(objects: list[dict], rng: random.Random) -> list[str]:
 
 def video_questions(objects: list[dict], rng: random.Random) -> list[dict]:
     """Questions whose answers need more than one frame: direction, change, appearance, motion count."""
-    direction = [_vqa(rng.choice(("which way does the {} move?", "in which direction does the {} move?"))
-                      .format(_name(o)), o["motion"] if o["motion"] != "none" else "nowhere", "direction")
-                 for o in objects if o["event"] is None]
+    direction = [
+        _vqa(
+            rng.choice(("which way does the {} move?", "in which direction does the {} move?")).format(
+                _name(o)
+            ),
+            o["motion"] if o["motion"] != "none" else "nowhere",
+            "direction",
+        )
+        for o in objects
+        if o["event"] is None
+    ]
     events = {o["event"]["type"]: o for o in objects if o["event"]}
-    change = [_vqa(f"does any object {verb}?", "yes" if kind in events else "no", "event")
-              for kind, verb in (("color_change", "change color"), ("appear", "appear"), ("disappear", "disappear"))]
+    change = [
+        _vqa(f"does any object {verb}?", "yes" if kind in events else "no", "event")
+        for kind, verb in (("color_change", "change color"), ("appear", "appear"), ("disappear", "disappear"))
+    ]
     if "color_change" in events:
         obj = events["color_change"]
         change.append(_vqa(f"what color does the {_name(obj)} turn?", obj["event"]["to"], "color_change"))
@@ -444,6 +539,7 @@ def video_questions(objects: list[dict], rng: random.Random) -> list[dict]:
 
 # ---------------------------------------------------------------- rendering
 
+
 def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]]:
     if shape == "square":
         s = r * 0.85
@@ -454,12 +550,28 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
         return [(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)]
     if shape == "cross":
         w = r / 3
-        return [(cx - w, cy - r), (cx + w, cy - r), (cx + w, cy - w), (cx + r, cy - w), (cx + r, cy + w),
-                (cx + w, cy + w), (cx + w, cy + r), (cx - w, cy + r), (cx - w, cy + w), (cx - r, cy + w),
-                (cx - r, cy - w), (cx - w, cy - w)]
+        return [
+            (cx - w, cy - r),
+            (cx + w, cy - r),
+            (cx + w, cy - w),
+            (cx + r, cy - w),
+            (cx + r, cy + w),
+            (cx + w, cy + w),
+            (cx + w, cy + r),
+            (cx - w, cy + r),
+            (cx - w, cy + w),
+            (cx - r, cy + w),
+            (cx - r, cy - w),
+            (cx - w, cy - w),
+        ]
     if shape == "star":
-        return [(cx + (r if k % 2 == 0 else r * 0.45) * math.cos(math.pi * (k / 5 - 0.5)),
-                 cy + (r if k % 2 == 0 else r * 0.45) * math.sin(math.pi * (k / 5 - 0.5))) for k in range(10)]
+        return [
+            (
+                cx + (r if k % 2 == 0 else r * 0.45) * math.cos(math.pi * (k / 5 - 0.5)),
+                cy + (r if k % 2 == 0 else r * 0.45) * math.sin(math.pi * (k / 5 - 0.5)),
+            )
+            for k in range(10)
+        ]
     raise ValueError(f"unknown shape {shape!r}")
 
 
@@ -509,8 +621,9 @@ def render_image(scene: dict, rng: np.random.Generator) -> tuple[Image.Image, Im
 def object_state(obj: dict, frame: int, frames: int) -> tuple[list[float], str] | None:
     """Centre and colour of a video object at `frame`, or None while it is not visible."""
     event = obj["event"] or {}
-    if (event.get("type") == "appear" and frame < event["frame"]) or \
-       (event.get("type") == "disappear" and frame >= event["frame"]):
+    if (event.get("type") == "appear" and frame < event["frame"]) or (
+        event.get("type") == "disappear" and frame >= event["frame"]
+    ):
         return None
     t = frame / (frames - 1)
     center = [s + (e - s) * t for s, e in zip(obj["start"], obj["end"])]
@@ -521,8 +634,9 @@ def object_state(obj: dict, frame: int, frames: int) -> tuple[list[float], str] 
 def render_video(scene: dict, rng: np.random.Generator) -> list[np.ndarray]:
     """The RGB frames of a video scene over a static textured background."""
     background = Image.fromarray(_background(rng, scene["size"]))
-    shown = [o["color"] for o in scene["objects"]] + [o["event"]["to"] for o in scene["objects"]
-                                                        if o["event"] and o["event"]["type"] == "color_change"]
+    shown = [o["color"] for o in scene["objects"]] + [
+        o["event"]["to"] for o in scene["objects"] if o["event"] and o["event"]["type"] == "color_change"
+    ]
     fills = {c: _object_fill(rng, c) for c in shown}
     frames = []
     for frame in range(scene["frames"]):
@@ -550,6 +664,7 @@ def write_mp4(path: Path, frames: list[np.ndarray], fps: int = VIDEO_FPS) -> Non
 
 # ---------------------------------------------------------------- per-item work (runs in the pool)
 
+
 def _image_item(out_dir: Path, seed: int, split: str, scene: dict) -> dict:
     index = scene["image_id"]
     image, mask = render_image(scene, _np_rng(seed, split, index, "image"))
@@ -557,15 +672,21 @@ def _image_item(out_dir: Path, seed: int, split: str, scene: dict) -> dict:
     mask.save(out_dir / scene["mask"], compress_level=1)
     rng = _rng(seed, split, index, "text")
     probe = binding_probe(scene["objects"], rng) if split == "test" else None
-    return {"captions": image_captions(scene["objects"], rng), "questions": image_questions(scene["objects"], rng),
-            "binding": probe}
+    return {
+        "captions": image_captions(scene["objects"], rng),
+        "questions": image_questions(scene["objects"], rng),
+        "binding": probe,
+    }
 
 
 def _video_item(out_dir: Path, seed: int, split: str, scene: dict) -> dict:
     index = scene["video_id"]
     write_mp4(out_dir / scene["video"], render_video(scene, _np_rng(seed, split, index, "video")))
     rng = _rng(seed, split, index, "video-text")
-    return {"captions": video_captions(scene["objects"], rng), "questions": video_questions(scene["objects"], rng)}
+    return {
+        "captions": video_captions(scene["objects"], rng),
+        "questions": video_questions(scene["objects"], rng),
+    }
 
 
 def _run_chunk(task: tuple) -> list[dict]:
@@ -576,34 +697,47 @@ def _run_chunk(task: tuple) -> list[dict]:
 
 # ---------------------------------------------------------------- annotation files
 
+
 def _image_annotations(split: str, scenes: list[dict], items: list[dict]) -> dict[str, list]:
     files: dict[str, list] = {}
     entries = [(s["image"], s["image_id"], item) for s, item in zip(scenes, items)]
     if split == "train":
-        pairs = [{"image": im, "caption": c, "image_id": i} for im, i, item in entries for c in item["captions"]]
+        pairs = [
+            {"image": im, "caption": c, "image_id": i} for im, i, item in entries for c in item["captions"]
+        ]
         files["pretrain.json"] = files["retrieval_train.json"] = pairs
     else:
-        files[f"retrieval_{split}.json"] = [{"image": im, "caption": item["captions"], "image_id": i}
-                                            for im, i, item in entries]
+        files[f"retrieval_{split}.json"] = [
+            {"image": im, "caption": item["captions"], "image_id": i} for im, i, item in entries
+        ]
     files[f"vqa_{split}.json"] = [
         {"question_id": i * 100 + k, "image": im, "dataset": "shapes", **q}
-        for im, i, item in entries for k, q in enumerate(item["questions"])]
+        for im, i, item in entries
+        for k, q in enumerate(item["questions"])
+    ]
     if split != "test_novel":
         files[f"seg_{split}.json"] = [{"image": s["image"], "mask": s["mask"]} for s in scenes]
     if split == "test":
-        files["binding_test.json"] = [{"image": im, "image_id": i, "caption": item["binding"][0],
-                                       "swapped": item["binding"][1]} for im, i, item in entries if item["binding"]]
+        files["binding_test.json"] = [
+            {"image": im, "image_id": i, "caption": item["binding"][0], "swapped": item["binding"][1]}
+            for im, i, item in entries
+            if item["binding"]
+        ]
     files[f"scenes_{split}.json"] = scenes
     return files
 
 
 def _video_annotations(split: str, scenes: list[dict], items: list[dict]) -> dict[str, list]:
     return {
-        f"video_{split}.json": [{"video": s["video"], "caption": item["captions"], "video_id": s["video_id"]}
-                                for s, item in zip(scenes, items)],
-        f"videoqa_{split}.json": [{"question_id": s["video_id"] * 100 + k, "video": s["video"],
-                                   "dataset": "shapes", **q}
-                                  for s, item in zip(scenes, items) for k, q in enumerate(item["questions"])],
+        f"video_{split}.json": [
+            {"video": s["video"], "caption": item["captions"], "video_id": s["video_id"]}
+            for s, item in zip(scenes, items)
+        ],
+        f"videoqa_{split}.json": [
+            {"question_id": s["video_id"] * 100 + k, "video": s["video"], "dataset": "shapes", **q}
+            for s, item in zip(scenes, items)
+            for k, q in enumerate(item["questions"])
+        ],
         f"video_scenes_{split}.json": scenes,
     }
 
@@ -613,6 +747,7 @@ def _write_json(path: Path, data) -> None:
 
 
 # ---------------------------------------------------------------- entry point
+
 
 def _check_arguments(out_dir: Path, images: int, videos: int, size: int, frames: int, workers) -> None:
     for name, value in (("images", images), ("videos", videos)):
@@ -638,14 +773,23 @@ def split_counts(images: int, videos: int) -> dict[str, dict[str, int]]:
     """Number of images and videos per split for `images` train images and `videos` train videos."""
     test_images = eval_count(images, 20, 10, 1000)
     eval_videos = eval_count(videos, 8, 8, 500)
-    return {"train": {"images": images, "videos": videos},
-            "val": {"images": test_images, "videos": eval_videos},
-            "test": {"images": test_images, "videos": eval_videos},
-            "test_novel": {"images": test_images, "videos": 0}}
+    return {
+        "train": {"images": images, "videos": videos},
+        "val": {"images": test_images, "videos": eval_videos},
+        "test": {"images": test_images, "videos": eval_videos},
+        "test_novel": {"images": test_images, "videos": 0},
+    }
 
 
-def generate(out_dir, images: int = DEFAULT_IMAGES, videos: int = DEFAULT_VIDEOS, size: int = 64,
-             frames: int = 16, seed: int = 0, workers: int | None = None) -> dict:
+def generate(
+    out_dir,
+    images: int = DEFAULT_IMAGES,
+    videos: int = DEFAULT_VIDEOS,
+    size: int = 64,
+    frames: int = 16,
+    seed: int = 0,
+    workers: int | None = None,
+) -> dict:
     """Write the ShapesWorld corpus under `out_dir` and return its summary (also in summary.json)."""
     out_dir = Path(out_dir)
     _check_arguments(out_dir, images, videos, size, frames, workers)
@@ -656,14 +800,19 @@ def generate(out_dir, images: int = DEFAULT_IMAGES, videos: int = DEFAULT_VIDEOS
         scenes = sample_image_scenes(split, counts[split]["images"], size, seed)
         tasks.append(("image", split, scenes))
     for split in VIDEO_SPLITS:
-        tasks.append(("video", split, sample_video_scenes(split, counts[split]["videos"], size, frames, seed)))
+        tasks.append(
+            ("video", split, sample_video_scenes(split, counts[split]["videos"], size, frames, seed))
+        )
     folders = [f"{sub}/{split}" for sub in ("images", "masks") for split in IMAGE_SPLITS]
     for folder in [*folders, *(f"videos/{split}" for split in VIDEO_SPLITS), "annotations"]:
         (out_dir / folder).mkdir(parents=True, exist_ok=True)
 
     chunk = 64
-    jobs = [(kind, out_dir, seed, split, scenes[i:i + chunk])
-            for kind, split, scenes in tasks for i in range(0, len(scenes), chunk)]
+    jobs = [
+        (kind, out_dir, seed, split, scenes[i : i + chunk])
+        for kind, split, scenes in tasks
+        for i in range(0, len(scenes), chunk)
+    ]
     workers = workers or os.cpu_count() or 1
     if workers == 1:
         results = [_run_chunk(job) for job in jobs]
@@ -674,21 +823,29 @@ def generate(out_dir, images: int = DEFAULT_IMAGES, videos: int = DEFAULT_VIDEOS
     items: dict[tuple[str, str], list[dict]] = {}
     for job, result in zip(jobs, results):
         items.setdefault((job[0], job[3]), []).extend(result)
-    files: dict[str, list] = {"answer_list.json": list(IMAGE_ANSWERS),
-                              "videoqa_answer_list.json": list(VIDEO_ANSWERS)}
+    files: dict[str, list] = {
+        "answer_list.json": list(IMAGE_ANSWERS),
+        "videoqa_answer_list.json": list(VIDEO_ANSWERS),
+    }
     for kind, split, scenes in tasks:
         make = _image_annotations if kind == "image" else _video_annotations
         files.update(make(split, scenes, items.get((kind, split), [])))
     for name, data in files.items():
         _write_json(out_dir / "annotations" / name, data)
 
-    summary = {"params": {"images": images, "videos": videos, "size": size, "frames": frames, "seed": seed},
-               "counts": {split: {**counts[split],
-                                  "captions": CAPTIONS_PER_ITEM * counts[split]["images"],
-                                  "image_questions": len(files.get(f"vqa_{split}.json", [])),
-                                  "video_questions": len(files.get(f"videoqa_{split}.json", []))}
-                          for split in IMAGE_SPLITS},
-               "binding_probes": len(files["binding_test.json"]),
-               "timing": {"seconds": round(time.perf_counter() - started, 2), "workers": workers}}
+    summary = {
+        "params": {"images": images, "videos": videos, "size": size, "frames": frames, "seed": seed},
+        "counts": {
+            split: {
+                **counts[split],
+                "captions": CAPTIONS_PER_ITEM * counts[split]["images"],
+                "image_questions": len(files.get(f"vqa_{split}.json", [])),
+                "video_questions": len(files.get(f"videoqa_{split}.json", [])),
+            }
+            for split in IMAGE_SPLITS
+        },
+        "binding_probes": len(files["binding_test.json"]),
+        "timing": {"seconds": round(time.perf_counter() - started, 2), "workers": workers},
+    }
     _write_json(out_dir / "annotations" / "summary.json", summary)
     return summary
