@@ -1,0 +1,219 @@
+"""Typed configuration: dataclasses loaded from YAML, dotted command-line overrides, unknown keys are errors.
+
+    cfg = load_config("configs/demo_shapes.yaml", ["train.max_steps=50", "data.root=/data/shapes"])
+
+A config has four blocks (``model``, ``data``, ``train``, ``eval``) and a ``task``. Every key is declared
+below with its default; a misspelt key fails with the closest valid name.
+"""
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from mmfm.errors import ConfigError
+
+TASKS = ("pretrain", "retrieval", "vqa", "video_qa", "multitask", "segmentation", "eval")
+TRAIN_STREAMS = ("image_text", "video_text", "vqa", "video_qa", "segmentation")
+
+
+@dataclass
+class ModelConfig:
+    width: int = 192
+    depth: int = 6
+    heads: int = 3
+    mlp_ratio: float = 4.0
+    fusion_layer: int = 4            # layers [0, fusion_layer) unimodal, the rest fuse [text ; vision]
+    fusion_mode: str = "joint"       # joint: all of [text ; vision] updated; cross: text tokens only
+    img_size: int = 64
+    patch_size: int = 8
+    context_length: int = 40
+    max_frames: int = 16
+    embed_dim: int = 128             # ITC projection size
+    drop_path: float = 0.0
+    rolling: bool = True             # temporal token rolling for videos, unimodal and joint passes
+    init: str = ""                   # "", "timm:<vit name>" (ImageNet ViT weights), or an mmfm checkpoint
+    attention_backend: str = "auto"  # auto | xformers | sdpa | math
+    backbone: str = ""               # a timm model name that replaces the patch embedding
+    backbone_kwargs: dict = field(default_factory=dict)
+    temp: float = 0.07
+    momentum: float = 0.995
+    queue_size: int = 4096
+    alpha: float = 0.4
+    mlm_prob: float = 0.15
+    answers: dict = field(default_factory=dict)  # head name -> answer list (filled from the data)
+    num_classes: int = 0             # segmentation classes (task: segmentation)
+
+
+@dataclass
+class DataConfig:
+    root: str = "data/shapes"
+    image_text: str = "annotations/pretrain.json"
+    video_text: str = "annotations/video_train.json"
+    vqa: str = "annotations/vqa_train.json"
+    answer_list: str = "annotations/answer_list.json"
+    video_qa: str = "annotations/videoqa_train.json"
+    video_answer_list: str = "annotations/videoqa_answer_list.json"
+    segmentation: str = "annotations/seg_train.json"
+    image_size: int = 64
+    num_frames: int = 8
+    hflip: bool = True
+    mean: list = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    num_workers: int = 2
+    on_error: str = "skip"           # skip | raise
+    max_bad_fraction: float = 0.01
+
+
+@dataclass
+class TrainConfig:
+    tasks: dict = field(default_factory=dict)  # stream -> mixing weight; empty = the task's default
+    batch_size: int = 64
+    lr: float = 1e-4
+    weight_decay: float = 0.02
+    warmup_steps: int = 100
+    max_steps: int = 1000
+    max_minutes: float = 0.0         # > 0: also stop (and anneal the schedule) by wall time
+    grad_accum: int = 1
+    clip_grad: float = 1.0
+    precision: str = "fp32"          # fp32 | bf16
+    grad_checkpointing: bool = False
+    seed: int = 0
+    save_every: int = 500
+    keep_last: int = 2
+    log_every: int = 10
+    alpha_warmup_steps: int = 0      # 0 = one epoch of the first stream
+    loss_weights: dict = field(default_factory=lambda: {"itc": 1.0, "itm": 1.0, "mlm": 1.0})
+    threads: int = 0                 # torch intra-op threads, 0 = torch default
+
+
+@dataclass
+class EvalConfig:
+    retrieval: str = "annotations/retrieval_test.json"
+    retrieval_novel: str = "annotations/retrieval_test_novel.json"
+    binding: str = "annotations/binding_test.json"
+    vqa: str = "annotations/vqa_test.json"
+    video_retrieval: str = "annotations/video_test.json"
+    video_qa: str = "annotations/videoqa_test.json"
+    segmentation: str = "annotations/seg_test.json"
+    metrics: list = field(default_factory=lambda: ["retrieval", "binding", "vqa"])
+    k_test: int = 16
+    batch_size: int = 256
+
+
+@dataclass
+class Config:
+    task: str = "pretrain"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def _closest(name: str, options) -> str:
+    match = difflib.get_close_matches(name, list(options), n=1)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def _coerce(value, kind, key: str):
+    origin = typing.get_origin(kind) or kind
+    if origin is bool and not isinstance(value, bool):
+        raise ConfigError(f"config key {key!r} must be true or false, got {value!r}")
+    if origin in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise ConfigError(f"config key {key!r} must be a number, got {value!r}")
+    if origin is int and isinstance(value, float):
+        if not value.is_integer():
+            raise ConfigError(f"config key {key!r} must be an integer, got {value!r}")
+        value = int(value)
+    if origin in (dict, list) and not isinstance(value, origin):
+        raise ConfigError(f"config key {key!r} must be a {origin.__name__}, got {value!r}")
+    if origin is str and not isinstance(value, str):
+        value = str(value)
+    return float(value) if origin is float else value
+
+
+def from_dict(cls, data: dict, prefix: str = ""):
+    """Build dataclass ``cls`` from nested dicts; unknown keys raise ConfigError naming the dotted key."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config block {prefix.rstrip('.') or '<top>'!r} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in data.items():
+        if key not in names:
+            raise ConfigError(f"unknown config key {prefix + key!r}{_closest(key, names)}")
+        kind = hints[key]
+        if dataclasses.is_dataclass(kind):
+            values[key] = from_dict(kind, value or {}, f"{prefix}{key}.")
+        else:
+            values[key] = _coerce(value, kind, prefix + key)
+    return cls(**values)
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _set_dotted(tree: dict, dotted: str, value) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: {key!r} is not a block")
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.sub=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw else "")
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict) and key not in ("tasks", "answers"):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    data = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist; see configs/ for examples")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+    cfg = from_dict(Config, _merge(data, parse_overrides(list(overrides))))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    if cfg.task not in TASKS:
+        raise ConfigError(f"task {cfg.task!r} is not one of {', '.join(TASKS)}{_closest(cfg.task, TASKS)}")
+    for stream in cfg.train.tasks:
+        if stream not in TRAIN_STREAMS:
+            raise ConfigError(f"train.tasks.{stream} is not a stream; use {', '.join(TRAIN_STREAMS)}"
+                              f"{_closest(stream, TRAIN_STREAMS)}")
+    if cfg.train.precision not in ("fp32", "bf16"):
+        raise ConfigError(f"train.precision={cfg.train.precision!r}: use fp32 or bf16")
+    if cfg.data.on_error not in ("skip", "raise"):
+        raise ConfigError(f"data.on_error={cfg.data.on_error!r}: use skip or raise")
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,134 @@
+"""Retrieval evaluation exactly as ALBEF / LAVIS: ITC similarities -> top-k -> ITM re-rank on cached tokens.
+
+Each image (or video) and each text is encoded ONCE through the unimodal layers; the fusion layers then
+score only the top-``k_test`` candidates of every query, reusing the cached tokens. Final scores of the
+candidates are ``itm_logit + itc_sim`` (LAVIS); the rest stay at -100.
+"""
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from mmfm.models.trunk import TokenBatch
+
+
+@torch.no_grad()
+def encode_texts(model, texts: list[str], batch_size: int = 256) -> tuple[TokenBatch, torch.Tensor]:
+    """All texts through the unimodal layers, padded to one length: (tokens, features)."""
+    ids, mask = model.tokenizer(texts)
+    device = next(model.parameters()).device
+    xs, feats = [], []
+    for start in range(0, len(texts), batch_size):
+        enc = model.encode_text(ids[start:start + batch_size].to(device), mask[start:start + batch_size].to(device))
+        xs.append(enc.tokens.x)
+        feats.append(enc.feat)
+    return TokenBatch(torch.cat(xs), mask.to(device)), torch.cat(feats)
+
+
+@torch.no_grad()
+def encode_media(model, loader, key: str, quiet: bool = True) -> tuple[TokenBatch, torch.Tensor, list[int]]:
+    """Every image/video of a loader: (cached unimodal tokens, features, dataset indices)."""
+    device = next(model.parameters()).device
+    xs, feats, indices, roll = [], [], [], None
+    for batch in tqdm(loader, desc=f"encode {key}s", disable=quiet):
+        if key not in batch:
+            continue
+        enc = model.encode_vision(batch[key].to(device))
+        xs.append(enc.tokens.x)
+        feats.append(enc.feat)
+        indices.extend(batch["index"].tolist())
+        roll = enc.tokens.roll
+    return TokenBatch(torch.cat(xs), roll=roll), torch.cat(feats), indices
+
+
+def _rows(tokens: TokenBatch, index) -> TokenBatch:
+    mask = None if tokens.mask is None else tokens.mask[index]
+    return TokenBatch(tokens.x[index], mask, tokens.roll)
+
+
+@torch.no_grad()
+def itm_scores(model, text: TokenBatch, vision: TokenBatch, text_idx, vision_idx, batch_size: int = 256):
+    """Positive-class ITM logits of the (text_idx[i], vision_idx[i]) pairs."""
+    out = []
+    for start in range(0, len(text_idx), batch_size):
+        t = _rows(text, text_idx[start:start + batch_size])
+        v = _rows(vision, vision_idx[start:start + batch_size])
+        out.append(model.itm_logits(t, v)[:, 1].float())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+@torch.no_grad()
+def rerank_scores(model, vision: TokenBatch, vision_feat, text: TokenBatch, text_feat, k_test: int,
+                  quiet: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(vision->text, text->vision) score matrices: ITC everywhere, ITM + ITC on each query's top-k."""
+    sim = (vision_feat @ text_feat.t()).float()
+    if model.cfg.fusion_layer >= model.cfg.depth or k_test <= 0:
+        return sim.cpu().numpy(), sim.t().cpu().numpy()
+    v2t = torch.full_like(sim, -100.0)
+    t2v = torch.full_like(sim.t(), -100.0)
+    k_v2t, k_t2v = min(k_test, sim.shape[1]), min(k_test, sim.shape[0])
+    top_sim, top_idx = sim.topk(k_v2t, dim=1)
+    rows = torch.arange(sim.shape[0], device=sim.device).repeat_interleave(k_v2t)
+    scores = itm_scores(model, text, vision, top_idx.reshape(-1), rows)
+    v2t[rows, top_idx.reshape(-1)] = scores + top_sim.reshape(-1)
+    top_sim, top_idx = sim.t().topk(k_t2v, dim=1)
+    rows = torch.arange(sim.shape[1], device=sim.device).repeat_interleave(k_t2v)
+    scores = itm_scores(model, text, vision, rows, top_idx.reshape(-1))
+    t2v[rows, top_idx.reshape(-1)] = scores + top_sim.reshape(-1)
+    return v2t.cpu().numpy(), t2v.cpu().numpy()
+
+
+def recall_metrics(v2t: np.ndarray, t2v: np.ndarray, txt2img: list[int], img2txt: list[list[int]],
+                   vision_prefix: str = "img") -> dict:
+    """ALBEF's itm_eval: R@1/5/10 both ways (percent) and their mean.
+
+    ``txt_r*`` is vision->text, ``{vision_prefix}_r*`` is text->vision.
+    """
+    ranks = np.zeros(v2t.shape[0])
+    for i, scores in enumerate(v2t):
+        order = np.argsort(scores)[::-1]
+        ranks[i] = min(np.where(order == t)[0][0] for t in img2txt[i])
+    text_ranks = np.zeros(t2v.shape[0])
+    for t, scores in enumerate(t2v):
+        order = np.argsort(scores)[::-1]
+        text_ranks[t] = np.where(order == txt2img[t])[0][0]
+    out = {}
+    for k in (1, 5, 10):
+        out[f"txt_r{k}"] = 100.0 * float(np.mean(ranks < k))
+    for k in (1, 5, 10):
+        out[f"{vision_prefix}_r{k}"] = 100.0 * float(np.mean(text_ranks < k))
+    out["r_mean"] = float(np.mean([out[k] for k in list(out)]))
+    return {k: round(v, 2) for k, v in out.items()}
+
+
+@torch.no_grad()
+def evaluate_retrieval(model, loader, dataset, key: str = "image", k_test: int = 16, quiet: bool = True) -> dict:
+    """Full retrieval evaluation of a RetrievalEvalDataset (or its video twin) through ``loader``."""
+    vision, vision_feat, indices = encode_media(model, loader, key, quiet)
+    order = np.argsort(indices)
+    vision = _rows(vision, torch.as_tensor(order, device=vision.x.device))
+    vision_feat = vision_feat[torch.as_tensor(order, device=vision_feat.device)]
+    text, text_feat = encode_texts(model, dataset.texts)
+    v2t, t2v = rerank_scores(model, vision, vision_feat, text, text_feat, k_test, quiet)
+    prefix = "vid" if key == "video" else "img"
+    return recall_metrics(v2t, t2v, dataset.txt2img, dataset.img2txt, prefix)
+
+
+@torch.no_grad()
+def evaluate_binding(model, loader) -> dict:
+    """Share of probes whose true caption gets a higher ITM score than its colour-swapped twin."""
+    device = next(model.parameters()).device
+    wins, total = 0, 0
+    for batch in loader:
+        if "image" not in batch:
+            continue
+        vision = model.encode_vision(batch["image"].to(device)).tokens
+        scores = []
+        for key in ("caption", "swapped"):
+            ids, mask = model.tokenizer(batch[key])
+            text = model.encode_text(ids.to(device), mask.to(device)).tokens
+            logits = model.itm_logits(text, vision)
+            scores.append(logits[:, 1] - logits[:, 0])
+        wins += int((scores[0] > scores[1]).sum())
+        total += len(scores[0])
+    return {"binding_acc": round(100.0 * wins / max(total, 1), 2)}

@@ -1,0 +1,166 @@
+"""Config -> model, training streams and evaluation: the glue shared by tools/train.py and tools/eval.py."""
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from mmfm.config import Config, ModelConfig
+from mmfm.data import (BindingDataset, ImageTextDataset, RetrievalEvalDataset, VideoQADataset,
+                       VideoRetrievalEvalDataset, VideoTextDataset, VQADataset)
+from mmfm.data.collate import make_collate
+from mmfm.data.formats import read_json, resolve
+from mmfm.data.transforms import eval_transform, train_transform
+from mmfm.engine.trainer import Stream
+from mmfm.errors import ConfigError
+from mmfm.models.model import MMFM, config_from_checkpoint, load_pretrained
+
+DEFAULT_STREAMS = {
+    "pretrain": {"image_text": 1.0, "video_text": 1.0},
+    "retrieval": {"image_text": 1.0},
+    "vqa": {"vqa": 1.0},
+    "video_qa": {"video_qa": 1.0},
+}
+
+
+def task_streams(cfg: Config) -> dict[str, float]:
+    streams = cfg.train.tasks or DEFAULT_STREAMS.get(cfg.task)
+    if not streams:
+        raise ConfigError(f"task {cfg.task!r} needs train.tasks (stream -> weight), e.g. "
+                          "{image_text: 1.0, vqa: 0.5}")
+    return dict(streams)
+
+
+def _path(cfg: Config, relative: str) -> str:
+    path = resolve(cfg.data.root, relative)
+    if not Path(path).exists():
+        raise ConfigError(f"data file {path!r} does not exist (data.root={cfg.data.root!r}); generate "
+                          "ShapesWorld with `python tools/make_data.py shapes --out DIR` or fix the path")
+    return path
+
+
+def with_answers(cfg: Config, streams) -> Config:
+    """Fill model.answers from the answer lists of the answer streams (kept if already set)."""
+    answers = dict(cfg.model.answers)
+    if "vqa" in streams and "vqa" not in answers:
+        answers["vqa"] = read_json(_path(cfg, cfg.data.answer_list))
+    if "video_qa" in streams and "video_qa" not in answers:
+        answers["video_qa"] = read_json(_path(cfg, cfg.data.video_answer_list))
+    return replace(cfg, model=replace(cfg.model, answers=answers))
+
+
+def build_model(cfg: ModelConfig) -> MMFM:
+    """A fresh model, or one initialised from an mmfm checkpoint given as ``model.init``."""
+    if cfg.init and not cfg.init.startswith("timm:"):
+        return _init_from_checkpoint(cfg)
+    return MMFM(cfg)
+
+
+def _init_from_checkpoint(cfg: ModelConfig) -> MMFM:
+    path = Path(cfg.init)
+    if path.is_dir():
+        path = path / "model.safetensors"
+    if not path.is_file():
+        raise ConfigError(f"model.init={cfg.init!r}: no such checkpoint (expected a model.safetensors)")
+    source = load_pretrained(path)
+    model = MMFM(replace(cfg, init=""))
+    own = model.state_dict()
+    fitting = {k: v for k, v in source.state_dict().items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict(fitting, strict=False)
+    return model
+
+
+def _transforms(cfg: Config, train: bool):
+    norm = dict(mean=tuple(cfg.data.mean), std=tuple(cfg.data.std))
+    if train:
+        return train_transform(cfg.data.image_size, flip=cfg.data.hflip, **norm)
+    return eval_transform(cfg.data.image_size, **norm)
+
+
+def _dataset_kwargs(cfg: Config) -> dict:
+    return dict(root=cfg.data.root, seed=cfg.train.seed, on_error=cfg.data.on_error)
+
+
+def build_streams(cfg: Config, tokenizer, batch_size: int) -> dict[str, Stream]:
+    """One Stream per weighted task stream of the config."""
+    kwargs, transform = _dataset_kwargs(cfg), _transforms(cfg, train=True)
+    frames = cfg.data.num_frames
+    makers = {
+        "image_text": lambda: ImageTextDataset(_path(cfg, cfg.data.image_text), transform=transform, **kwargs),
+        "video_text": lambda: VideoTextDataset(_path(cfg, cfg.data.video_text), num_frames=frames,
+                                               transform=transform, sampling="random", **kwargs),
+        "vqa": lambda: VQADataset(_path(cfg, cfg.data.vqa), transform=transform,
+                                  answer_list=cfg.model.answers["vqa"], **kwargs),
+        "video_qa": lambda: VideoQADataset(_path(cfg, cfg.data.video_qa), num_frames=frames, transform=transform,
+                                           answer_list=cfg.model.answers["video_qa"], **kwargs),
+    }
+    streams = {}
+    for name, weight in task_streams(cfg).items():
+        if name not in makers:
+            raise ConfigError(f"train.tasks.{name}: this stream needs `task: segmentation` and its own model")
+        keys = ("question",) if name in ("vqa", "video_qa") else ("text",)
+        streams[name] = Stream(name, makers[name](), batch_size, make_collate(tokenizer, keys), weight)
+    return streams
+
+
+# ---- evaluation -----------------------------------------------------------------------------------
+
+def _eval_loader(dataset, cfg: Config):
+    return DataLoader(dataset, batch_size=cfg.eval.batch_size, shuffle=False, num_workers=cfg.data.num_workers,
+                      collate_fn=make_collate(None))
+
+
+def _maybe(cfg: Config, relative: str) -> str | None:
+    path = resolve(cfg.data.root, relative)
+    return path if relative and Path(path).exists() else None
+
+
+@torch.no_grad()
+def evaluate(model: MMFM, cfg: Config, quiet: bool = True) -> dict:
+    """Every evaluation named in ``eval.metrics`` whose annotation file exists; a flat metrics dict."""
+    from mmfm.evaluation.retrieval import evaluate_binding, evaluate_retrieval
+    from mmfm.evaluation.vqa import evaluate_vqa
+
+    model.eval()
+    kwargs, transform = _dataset_kwargs(cfg), _transforms(cfg, train=False)
+    frames, k_test, wanted = cfg.data.num_frames, cfg.eval.k_test, set(cfg.eval.metrics)
+    metrics: dict = {}
+    if "retrieval" in wanted and (path := _maybe(cfg, cfg.eval.retrieval)):
+        ds = RetrievalEvalDataset(path, transform=transform, **kwargs)
+        metrics.update(evaluate_retrieval(model, _eval_loader(ds, cfg), ds, "image", k_test, quiet))
+    if "novel" in wanted and (path := _maybe(cfg, cfg.eval.retrieval_novel)):
+        ds = RetrievalEvalDataset(path, transform=transform, **kwargs)
+        novel = evaluate_retrieval(model, _eval_loader(ds, cfg), ds, "image", k_test, quiet)
+        metrics.update({f"novel_{k}": v for k, v in novel.items()})
+    if "binding" in wanted and (path := _maybe(cfg, cfg.eval.binding)):
+        metrics.update(evaluate_binding(model, _eval_loader(BindingDataset(path, transform=transform, **kwargs), cfg)))
+    if "vqa" in wanted and "vqa" in model.cfg.answers and (path := _maybe(cfg, cfg.eval.vqa)):
+        ds = VQADataset(path, transform=transform, answer_list=model.cfg.answers["vqa"], **kwargs)
+        metrics.update(evaluate_vqa(model, _eval_loader(ds, cfg), "vqa", "vqa"))
+    if "video_retrieval" in wanted and (path := _maybe(cfg, cfg.eval.video_retrieval)):
+        ds = VideoRetrievalEvalDataset(path, num_frames=frames, transform=transform, **kwargs)
+        video = evaluate_retrieval(model, _eval_loader(ds, cfg), ds, "video", k_test, quiet)
+        metrics.update({("vid_" + k if k.startswith(("txt", "r_mean")) else k): v for k, v in video.items()})
+    if "video_qa" in wanted and "video_qa" in model.cfg.answers and (path := _maybe(cfg, cfg.eval.video_qa)):
+        ds = VideoQADataset(path, num_frames=frames, transform=transform,
+                            answer_list=model.cfg.answers["video_qa"], **kwargs)
+        metrics.update(evaluate_vqa(model, _eval_loader(ds, cfg), "video_qa", "videoqa"))
+    return metrics
+
+
+def load_checkpoint_model(path: str | Path) -> MMFM:
+    """A trained model from a run directory (its model.safetensors) or a .safetensors file."""
+    path = Path(path)
+    file = path / "model.safetensors" if path.is_dir() else path
+    if not file.is_file():
+        raise ConfigError(f"{path}: no model.safetensors here; pass a run directory written by tools/train.py")
+    config_from_checkpoint(file)
+    return load_pretrained(file)
+
+
+def write_metrics(path: Path, metrics: dict) -> None:
+    from mmfm.engine.checkpoint import atomic_write_text
+
+    atomic_write_text(path, json.dumps(metrics, indent=2, sort_keys=True) + "\n")

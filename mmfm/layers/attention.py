@@ -1,0 +1,186 @@
+"""The one attention function of mmfm, with interchangeable backends.
+
+Backends, chosen by availability unless forced:
+  ``xformers``  memory-efficient CUDA kernels (optional extra; no CPU kernel, so never picked on CPU)
+  ``sdpa``      torch.nn.functional.scaled_dot_product_attention (flash / memory-efficient / math kernels)
+  ``math``      explicit softmax(q k^T / sqrt(d)) v, materialises the full score matrix (reference)
+Force one with ``set_backend(name)`` (configs: ``model.attention_backend``) or ``MMFM_ATTN_BACKEND=name``.
+
+Two entry points:
+  ``attention(q, k, v)`` on padded batches (B, H, L, D) with an optional key-padding mask;
+  ``packed_attention(q, k, v, cu_seqlens)`` on variable-length sequences concatenated without padding
+  (T, H, D), ByteTransformer style: attention never crosses samples and no (T x T) mask is ever built.
+"""
+
+import math
+import os
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+
+from mmfm.errors import ConfigError
+
+BACKENDS = ("auto", "xformers", "sdpa", "math")
+_forced_backend: str | None = None
+
+
+def set_backend(name: str | None) -> None:
+    """Force a backend for the whole process (``None`` or ``"auto"`` restores automatic choice)."""
+    global _forced_backend
+    if name is not None and name not in BACKENDS:
+        raise ConfigError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    _forced_backend = None if name == "auto" else name
+
+
+@lru_cache(maxsize=1)
+def xformers_available() -> bool:
+    try:
+        import xformers.ops  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The backend that will run: an explicit argument wins, then set_backend, then the env var, then auto."""
+    if backend == "auto":
+        backend = _forced_backend or os.environ.get("MMFM_ATTN_BACKEND", "auto")
+    if backend not in BACKENDS:
+        raise ConfigError(f"MMFM_ATTN_BACKEND={backend!r} is not a backend; choose one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return "xformers" if device.type == "cuda" and xformers_available() else "sdpa"
+    if backend == "xformers" and not (device.type == "cuda" and xformers_available()):
+        raise ConfigError("attention backend 'xformers' needs CUDA tensors and `pip install mmfm[xformers]`; "
+                          "use 'sdpa' on this machine")
+    return backend
+
+
+def _expand_key_padding(mask: torch.Tensor, q_len: int) -> torch.Tensor:
+    """(B, S) keep-mask -> (B, 1, L, S) boolean, broadcastable over heads."""
+    return mask[:, None, None, :].expand(-1, 1, q_len, -1)
+
+
+def _causal_mask(q_len: int, k_len: int, device) -> torch.Tensor:
+    return torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(k_len - q_len)
+
+
+def _math_attention(q, k, v, mask, causal):
+    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
+    if causal:
+        scores = scores.masked_fill(~_causal_mask(q.shape[-2], k.shape[-2], q.device), float("-inf"))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(dim=-1) @ v
+
+
+def _sdpa_attention(q, k, v, mask, causal):
+    if causal and mask is not None:
+        mask = mask & _causal_mask(q.shape[-2], k.shape[-2], q.device)
+        causal = False
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+
+
+def _xformers_attention(q, k, v, mask, causal):
+    import xformers.ops as xops
+
+    bias = None
+    if causal:
+        bias = xops.LowerTriangularMask()
+    if mask is not None:
+        dense = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
+        if causal:
+            dense = dense.masked_fill(~_causal_mask(q.shape[-2], k.shape[-2], q.device), float("-inf"))
+        bias = _aligned_bias(dense.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2]))
+    out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias)
+    return out.transpose(1, 2)
+
+
+def _aligned_bias(bias: torch.Tensor) -> torch.Tensor:
+    """xformers wants the bias's last dimension allocated in multiples of 8."""
+    length = bias.shape[-1]
+    padded = torch.empty(*bias.shape[:-1], (length + 7) // 8 * 8, dtype=bias.dtype, device=bias.device)
+    padded[..., :length] = bias
+    return padded[..., :length]
+
+
+_PADDED = {"math": _math_attention, "sdpa": _sdpa_attention, "xformers": _xformers_attention}
+
+
+def attention(q, k, v, *, mask: torch.Tensor | None = None, causal: bool = False, backend: str = "auto"):
+    """Scaled dot-product attention on (B, H, L, D) tensors.
+
+    ``mask``: boolean, True = attend. Either a key-padding mask (B, S) or anything broadcastable to
+    (B, H, L, S). Every query must keep at least one key.
+    """
+    if mask is not None and mask.dim() == 2:
+        mask = _expand_key_padding(mask, q.shape[-2])
+    return _PADDED[resolve_backend(backend, q.device)](q, k, v, mask, causal)
+
+
+@dataclass
+class PackedSeqs:
+    """Layout of variable-length sequences concatenated along one token axis.
+
+    Sequences of equal length are grouped so the SDPA/math backends run one batched call per distinct
+    length (never a (T x T) mask); xformers uses one block-diagonal bias over everything.
+    """
+
+    lengths: list[int]
+    device: torch.device
+    cu_seqlens: torch.Tensor = field(init=False)
+    groups: list[tuple[int, torch.Tensor]] = field(init=False)
+    _xformers_bias: object = field(default=None, init=False, repr=False)
+
+    def __post_init__(self):
+        if not self.lengths or min(self.lengths) < 1:
+            raise ValueError(f"packed sequences need lengths >= 1, got {self.lengths}")
+        starts = [0]
+        for n in self.lengths:
+            starts.append(starts[-1] + n)
+        self.cu_seqlens = torch.tensor(starts, dtype=torch.int32, device=self.device)
+        by_length: dict[int, list[int]] = {}
+        for start, n in zip(starts, self.lengths):
+            by_length.setdefault(n, []).append(start)
+        self.groups = [
+            (n, (torch.tensor(group_starts)[:, None] + torch.arange(n)).reshape(-1).to(self.device))
+            for n, group_starts in by_length.items()
+        ]
+
+    @classmethod
+    def from_cu_seqlens(cls, cu_seqlens: torch.Tensor) -> "PackedSeqs":
+        bounds = cu_seqlens.tolist()
+        return cls([b - a for a, b in zip(bounds[:-1], bounds[1:])], cu_seqlens.device)
+
+    @property
+    def total(self) -> int:
+        return int(self.cu_seqlens[-1])
+
+    def xformers_bias(self):
+        if self._xformers_bias is None:
+            from xformers.ops.fmha.attn_bias import BlockDiagonalMask
+
+            self._xformers_bias = BlockDiagonalMask.from_seqlens(self.lengths)
+        return self._xformers_bias
+
+
+def packed_attention(q, k, v, cu_seqlens, *, causal: bool = False, backend: str = "auto"):
+    """Attention over packed (T, H, D) tensors; ``cu_seqlens`` is the (N+1,) offsets tensor or a PackedSeqs."""
+    layout = cu_seqlens if isinstance(cu_seqlens, PackedSeqs) else PackedSeqs.from_cu_seqlens(cu_seqlens)
+    name = resolve_backend(backend, q.device)
+    if name == "xformers":
+        import xformers.ops as xops
+
+        bias = layout.xformers_bias()
+        if causal:
+            bias = bias.make_causal()
+        return xops.memory_efficient_attention(q[None], k[None], v[None], attn_bias=bias)[0]
+    out = torch.empty_like(q)
+    for length, index in layout.groups:
+        def gather(t):
+            return t.index_select(0, index).view(-1, length, *t.shape[1:]).transpose(1, 2)
+
+        result = _PADDED[name](gather(q), gather(k), gather(v), None, causal)
+        out.index_copy_(0, index, result.transpose(1, 2).reshape(-1, *q.shape[1:]))
+    return out

@@ -1,0 +1,323 @@
+"""UnifiedTrunk: ONE pre-norm transformer whose weights are shared by text, images and videos.
+
+Layers [0, fusion_layer) run each modality alone (their outputs are what contrastive alignment uses
+and what a retrieval index caches); layers [fusion_layer, depth) run [text ; vision] jointly. Block
+parameter names follow timm's VisionTransformer, so ``UnifiedTrunk.from_timm(vit)`` starts the trunk from
+any timm ViT (ViLT / All-in-One start from ViT weights) and reproduces its ``forward_features`` exactly.
+
+Inputs are embedded here (text token + position, image patches + 2-D position interpolated to any grid,
+video frames + temporal embedding, a modality-type embedding for each); videos get temporal token
+rolling before every layer, unimodal and joint. Token batches are padded (B, L, D) with a key mask, or
+packed (T, D) without padding (variable image sizes / video lengths / text lengths).
+"""
+
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import DropPath, LayerScale, Mlp, resample_abs_pos_embed, trunc_normal_
+from torch.utils.checkpoint import checkpoint
+
+from mmfm.errors import ModelError
+from mmfm.layers.attention import PackedSeqs, attention, packed_attention
+from mmfm.layers.rolling import offset_index, roll_index
+
+TEXT, IMAGE, VIDEO = 0, 1, 2
+FUSION_MODES = ("joint", "cross")
+
+
+@dataclass
+class TokenBatch:
+    """Token sequences between layers.
+
+    Padded: ``x`` (B, L, D), ``mask`` (B, L) True = real token or None, ``roll`` (L,) gather index.
+    Packed: ``x`` (T, D), ``packed`` layout, ``roll`` (T,) gather index; ``mask`` is None.
+    """
+
+    x: torch.Tensor
+    mask: torch.Tensor | None = None
+    roll: torch.Tensor | None = None
+    packed: PackedSeqs | None = None
+
+    def cls(self) -> torch.Tensor:
+        """The first token of every sequence, (B, D)."""
+        if self.packed is not None:
+            return self.x.index_select(0, self.packed.cu_seqlens[:-1].long())
+        return self.x[:, 0]
+
+    def to_padded(self) -> "TokenBatch":
+        if self.packed is None:
+            return self
+        lengths = self.packed.lengths
+        width = max(lengths)
+        x = self.x.new_zeros(len(lengths), width, self.x.shape[-1])
+        mask = torch.zeros(len(lengths), width, dtype=torch.bool, device=self.x.device)
+        for row, (start, n) in enumerate(zip(self.packed.cu_seqlens[:-1].tolist(), lengths)):
+            x[row, :n] = self.x[start:start + n]
+            mask[row, :n] = True
+        if self.roll is not None and len(set(lengths)) > 1:
+            raise ModelError("fusing packed videos of different lengths: pad them to one frame count first")
+        return TokenBatch(x, mask, None if self.roll is None else self.roll[:width])
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
+        super().__init__()
+        if dim % num_heads:
+            raise ModelError(f"trunk width {dim} is not divisible by heads {num_heads}")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward_cross(self, text, vision, mask):
+        """Text queries over [text ; vision] keys/values; vision is context only (not updated)."""
+        batch, length, dim = text.shape
+        head_dim = dim // self.num_heads
+        q, k_text, v_text = self.qkv(text).view(batch, length, 3, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
+        bias = None if self.qkv.bias is None else self.qkv.bias[dim:]
+        kv = F.linear(vision, self.qkv.weight[dim:], bias)
+        k_vision, v_vision = kv.view(batch, vision.shape[1], 2, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
+        out = attention(q, torch.cat([k_text, k_vision], 2), torch.cat([v_text, v_vision], 2), mask=mask)
+        return self.proj(out.transpose(1, 2).reshape(batch, length, dim))
+
+    def forward(self, x, mask=None, packed=None):
+        head_dim = x.shape[-1] // self.num_heads
+        qkv = self.qkv(x)
+        if packed is not None:
+            q, k, v = qkv.view(x.shape[0], 3, self.num_heads, head_dim).unbind(1)
+            out = packed_attention(q, k, v, packed).reshape(x.shape)
+        else:
+            batch, length, dim = x.shape
+            q, k, v = qkv.view(batch, length, 3, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
+            out = attention(q, k, v, mask=mask).transpose(1, 2).reshape(batch, length, dim)
+        return self.proj(out)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block with timm ViT parameter names."""
+
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, drop_path=0.0, init_values=None):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, qkv_bias)
+        self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x, mask=None, packed=None, roll=None):
+        if roll is not None:
+            x = x.index_select(0 if packed is not None else 1, roll)
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), mask, packed)))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+    def forward_cross(self, text, vision, mask=None):
+        """Update only the text tokens, attending to themselves and to the fixed vision tokens."""
+        text = text + self.drop_path1(self.ls1(self.attn.forward_cross(self.norm1(text), self.norm1(vision), mask)))
+        return text + self.drop_path2(self.ls2(self.mlp(self.norm2(text))))
+
+
+class UnifiedTrunk(nn.Module):
+    def __init__(
+        self,
+        width: int = 384,
+        depth: int = 12,
+        num_heads: int = 6,
+        mlp_ratio: float = 4.0,
+        fusion_layer: int | None = None,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        vocab_size: int = 49410,
+        context_length: int = 40,
+        max_frames: int = 32,
+        qkv_bias: bool = True,
+        drop_path_rate: float = 0.0,
+        init_values: float | None = None,
+        rolling: bool = True,
+        fusion_mode: str = "joint",
+    ):
+        super().__init__()
+        fusion_layer = depth if fusion_layer is None else fusion_layer
+        if not 0 < fusion_layer <= depth:
+            raise ModelError(f"model.fusion_layer={fusion_layer} must be in [1, depth={depth}]")
+        if fusion_mode not in FUSION_MODES:
+            raise ModelError(f"model.fusion_mode={fusion_mode!r}: use one of {', '.join(FUSION_MODES)}")
+        self.width, self.depth, self.fusion_layer, self.fusion_mode = width, depth, fusion_layer, fusion_mode
+        self.patch_size, self.rolling, self.max_frames = patch_size, rolling, max_frames
+        self.grid = (img_size // patch_size, img_size // patch_size)
+        self.grad_checkpointing = False
+
+        self.patch_embed = nn.Module()
+        self.patch_embed.proj = nn.Conv2d(in_chans, width, patch_size, patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid[0] * self.grid[1], width))
+        self.temporal_embed = nn.Parameter(torch.zeros(1, max_frames, width))
+        self.token_embed = nn.Embedding(vocab_size, width)
+        self.text_pos_embed = nn.Parameter(torch.zeros(1, context_length, width))
+        self.type_embed = nn.Parameter(torch.zeros(3, width))
+        rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.blocks = nn.ModuleList(
+            Block(width, num_heads, mlp_ratio, qkv_bias, rates[i], init_values) for i in range(depth)
+        )
+        self.norm = nn.LayerNorm(width, eps=1e-6)
+        self._init_weights()
+
+    def _init_weights(self):
+        trunc_normal_(self.pos_embed, std=0.02)
+        trunc_normal_(self.text_pos_embed, std=0.02)
+        trunc_normal_(self.temporal_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        nn.init.normal_(self.token_embed.weight, std=0.02)
+        for module in self.blocks.modules():
+            if isinstance(module, nn.Linear):
+                trunc_normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+
+    @classmethod
+    def from_timm(cls, vit: nn.Module, **kwargs) -> "UnifiedTrunk":
+        """A trunk holding a timm VisionTransformer's weights (class token, no registers, pre-norm)."""
+        unsupported = (
+            getattr(vit, "num_reg_tokens", 0) or not getattr(vit, "has_class_token", True)
+            or getattr(vit, "no_embed_class", False) or not isinstance(vit.norm_pre, nn.Identity)
+        )
+        if unsupported:
+            raise ModelError(f"{type(vit).__name__}: only class-token ViTs without registers or pre-norm convert")
+        proj = vit.patch_embed.proj
+        fc1 = vit.blocks[0].mlp.fc1
+        ls = vit.blocks[0].ls1
+        trunk = cls(
+            width=vit.embed_dim, depth=len(vit.blocks), num_heads=vit.blocks[0].attn.num_heads,
+            mlp_ratio=fc1.out_features / fc1.in_features, img_size=vit.patch_embed.img_size[0],
+            patch_size=proj.kernel_size[0], in_chans=proj.in_channels,
+            qkv_bias=vit.blocks[0].attn.qkv.bias is not None,
+            init_values=float(ls.gamma.flatten()[0]) if isinstance(ls, LayerScale) else None, **kwargs,
+        )
+        source = {k: v for k, v in vit.state_dict().items() if not k.startswith(("head", "fc_norm"))}
+        missing, unexpected = trunk.load_state_dict(source, strict=False)
+        own = {"temporal_embed", "token_embed.weight", "text_pos_embed", "type_embed"}
+        if unexpected or set(missing) - own:
+            raise ModelError(f"timm ViT does not fit the trunk: missing {sorted(set(missing) - own)}, "
+                             f"unexpected {sorted(unexpected)}")
+        return trunk
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    def no_weight_decay(self) -> set[str]:
+        return {"cls_token", "pos_embed", "temporal_embed", "text_pos_embed", "type_embed", "token_embed.weight"}
+
+    # ---- embeddings -------------------------------------------------------------------------------
+
+    def _patch_tokens(self, pixels: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """(B, C, H, W) -> (B, N, D) patch tokens with 2-D position added, and the grid."""
+        height, width = pixels.shape[-2:]
+        if height % self.patch_size or width % self.patch_size:
+            raise ModelError(f"image size {height}x{width} is not a multiple of patch {self.patch_size}; "
+                             "use the native-aspect transform, which rounds sizes up to the patch grid")
+        x = self.patch_embed.proj(pixels)
+        grid = (x.shape[-2], x.shape[-1])
+        pos = self.pos_embed[:, 1:]
+        if grid != self.grid:
+            pos = resample_abs_pos_embed(pos, list(grid), list(self.grid), num_prefix_tokens=0)
+        return x.flatten(2).transpose(1, 2) + pos, grid
+
+    def _with_cls(self, tokens: torch.Tensor, modality: int) -> torch.Tensor:
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)
+        return torch.cat([cls, tokens], dim=1) + self.type_embed[modality]
+
+    def embed_text(self, ids: torch.Tensor, mask: torch.Tensor | None = None) -> TokenBatch:
+        length = ids.shape[1]
+        if length > self.text_pos_embed.shape[1]:
+            raise ModelError(f"text of {length} tokens exceeds context_length {self.text_pos_embed.shape[1]}")
+        x = self.token_embed(ids) + self.text_pos_embed[:, :length] + self.type_embed[TEXT]
+        return TokenBatch(x, mask)
+
+    def embed_image(self, pixels: torch.Tensor) -> TokenBatch:
+        tokens, _ = self._patch_tokens(pixels)
+        return TokenBatch(self._with_cls(tokens, IMAGE))
+
+    def embed_video(self, frames: torch.Tensor) -> TokenBatch:
+        """(B, T, C, H, W) -> [CLS, frame-major patches] with temporal embedding and a rolling index."""
+        batch, num_frames = frames.shape[:2]
+        if num_frames > self.max_frames:
+            raise ModelError(f"clip of {num_frames} frames exceeds model.max_frames={self.max_frames}")
+        tokens, grid = self._patch_tokens(frames.flatten(0, 1))
+        per_frame = tokens.shape[1]
+        tokens = tokens.view(batch, num_frames, per_frame, -1) + self.temporal_embed[:, :num_frames, None]
+        x = self._with_cls(tokens.flatten(1, 2), VIDEO)
+        roll = roll_index(num_frames, per_frame).to(x.device) if self.rolling and num_frames > 1 else None
+        return TokenBatch(x, roll=roll)
+
+    def embed_images_packed(self, images: list[torch.Tensor]) -> TokenBatch:
+        """Images of different sizes (each (C, H, W), patch multiples) packed without padding."""
+        sequences = [self._with_cls(self._patch_tokens(img[None])[0], IMAGE)[0] for img in images]
+        packed = PackedSeqs([len(s) for s in sequences], sequences[0].device)
+        return TokenBatch(torch.cat(sequences), packed=packed)
+
+    def embed_texts_packed(self, ids: torch.Tensor, mask: torch.Tensor) -> TokenBatch:
+        """Padded text ids -> packed tokens of the real lengths only (linear layers skip padding)."""
+        padded = self.embed_text(ids)
+        lengths = mask.sum(1).tolist()
+        return TokenBatch(padded.x[mask], packed=PackedSeqs(lengths, ids.device))
+
+    # ---- layers -----------------------------------------------------------------------------------
+
+    def run_layers(self, tokens: TokenBatch, start: int, end: int) -> TokenBatch:
+        x = tokens.x
+        for block in self.blocks[start:end]:
+            args = (x, tokens.mask, tokens.packed, tokens.roll)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, *args, use_reentrant=False)
+            else:
+                x = block(*args)
+        return replace(tokens, x=x)
+
+    def unimodal(self, tokens: TokenBatch) -> TokenBatch:
+        """Layers [0, fusion_layer): one modality alone. The output is the residual stream."""
+        return self.run_layers(tokens, 0, self.fusion_layer)
+
+    def fuse(self, text: TokenBatch, vision: TokenBatch) -> TokenBatch:
+        """Layers [fusion_layer, depth) over [text ; vision]; returns final-norm tokens, text first.
+
+        ``joint``: every token of [text ; vision] is updated (vision rolled for videos).
+        ``cross``: only text tokens are updated, attending to [text ; unimodal vision] with the same
+        shared weights (ALBEF's fusion cost: linear layers run on the short text only).
+        """
+        text, vision = text.to_padded(), vision.to_padded()
+        if text.x.shape[0] != vision.x.shape[0]:
+            raise ModelError(f"fusing {text.x.shape[0]} texts with {vision.x.shape[0]} images/videos")
+        text_len = text.x.shape[1]
+        mask = None
+        if text.mask is not None or vision.mask is not None:
+            mask = torch.cat([_ones_if_none(text.mask, text.x), _ones_if_none(vision.mask, vision.x)], dim=1)
+        if self.fusion_mode == "cross":
+            return TokenBatch(self.norm(self._cross_layers(text.x, vision.x, mask)), text.mask)
+        x = torch.cat([text.x, vision.x], dim=1)
+        roll = None if vision.roll is None else offset_index(vision.roll, text_len, text_len)
+        joint = self.run_layers(TokenBatch(x, mask, roll), self.fusion_layer, self.depth)
+        return replace(joint, x=self.norm(joint.x))
+
+    def _cross_layers(self, text, vision, mask):
+        for block in self.blocks[self.fusion_layer:]:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                text = checkpoint(block.forward_cross, text, vision, mask, use_reentrant=False)
+            else:
+                text = block.forward_cross(text, vision, mask)
+        return text
+
+    def normed(self, tokens: TokenBatch) -> TokenBatch:
+        return replace(tokens, x=self.norm(tokens.x))
+
+    def forward_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """All layers on images alone, final norm: (B, 1 + N, D) — timm's ``forward_features``."""
+        return self.norm(self.run_layers(self.embed_image(pixels), 0, self.depth).x)
+
+
+def _ones_if_none(mask: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    if mask is not None:
+        return mask
+    return torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)

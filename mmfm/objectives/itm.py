@@ -1,0 +1,53 @@
+"""Image/video-text matching with hard negatives (ALBEF).
+
+For every text one negative image is drawn from softmax(text->image similarity) with same-id pairs
+masked out, and likewise for every image; the fusion layers classify the 3B pairs match / no match.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from mmfm.models.trunk import TokenBatch
+
+
+@torch.no_grad()
+def sample_hard_negatives(sim: torch.Tensor, row_ids: torch.Tensor, col_ids: torch.Tensor) -> torch.Tensor:
+    """For each row, a column index sampled by softmax(sim) among columns of a different id.
+
+    Rows whose every column shares their id (nothing to contrast) get a uniformly drawn other column;
+    their label is then decided by id equality, never assumed.
+    """
+    weights = F.softmax(sim.float(), dim=1)
+    same = row_ids[:, None] == col_ids[None, :]
+    weights = weights.masked_fill(same, 0.0)
+    empty = weights.sum(1) <= 0
+    if empty.any():
+        weights[empty] = 1.0
+    return torch.multinomial(weights, 1).squeeze(1)
+
+
+def _select(tokens: TokenBatch, index: torch.Tensor) -> TokenBatch:
+    mask = None if tokens.mask is None else tokens.mask[index]
+    return TokenBatch(tokens.x[index], mask, tokens.roll)
+
+
+def _concat(parts: list[TokenBatch]) -> TokenBatch:
+    masks = [p.mask for p in parts]
+    mask = None if all(m is None for m in masks) else torch.cat(
+        [m if m is not None else torch.ones(p.x.shape[:2], dtype=torch.bool, device=p.x.device)
+         for p, m in zip(parts, masks)])
+    return TokenBatch(torch.cat([p.x for p in parts]), mask, parts[0].roll)
+
+
+def itm_loss(model, text: TokenBatch, vision: TokenBatch, sim_t2v: torch.Tensor, sim_v2t: torch.Tensor,
+             ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (loss, accuracy). ``sim_*`` are the local in-batch similarities, ``ids`` the pair ids."""
+    batch = len(ids)
+    neg_vision = sample_hard_negatives(sim_t2v, ids, ids)
+    neg_text = sample_hard_negatives(sim_v2t, ids, ids)
+    arange = torch.arange(batch, device=ids.device)
+    text_all = _concat([text, _select(text, arange), _select(text, neg_text)])
+    vision_all = _concat([vision, _select(vision, neg_vision), _select(vision, arange)])
+    labels = torch.cat([torch.ones_like(ids), (ids == ids[neg_vision]).long(), (ids[neg_text] == ids).long()])
+    logits = model.itm_logits(text_all, vision_all)
+    return F.cross_entropy(logits, labels), (logits.argmax(1) == labels).float().mean()

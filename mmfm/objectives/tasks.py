@@ -1,0 +1,130 @@
+"""All training objectives of the unified model behind one module: ``objective(stream, batch) -> losses``.
+
+Streams: ``image_text`` / ``video_text`` (ITC + ITM + MLM, ALBEF), ``vqa`` / ``video_qa`` (answer
+classification). The engine sees only this nn.Module and the dict of losses it returns.
+"""
+
+import torch
+import torch.nn as nn
+
+from mmfm.models.momentum import MomentumModel
+from mmfm.objectives.distributed import gather_no_grad, gather_with_grad
+from mmfm.objectives.itc import FeatureQueue, itc_loss, positive_targets
+from mmfm.objectives.itm import itm_loss
+from mmfm.objectives.mlm import mask_tokens, mlm_loss
+from mmfm.objectives.vqa import vqa_loss
+
+ALIGN_STREAMS = ("image_text", "video_text")
+ANSWER_STREAMS = ("vqa", "video_qa")
+
+
+class MultiTaskObjective(nn.Module):
+    def __init__(self, model: nn.Module, loss_weights: dict, streams, alpha_warmup_steps: int):
+        super().__init__()
+        cfg = model.cfg
+        self.model = model
+        self.loss_weights = {"itc": 1.0, "itm": 1.0, "mlm": 1.0, **loss_weights}
+        self.has_fusion = cfg.fusion_layer < cfg.depth
+        self.alpha, self.alpha_warmup_steps = cfg.alpha, max(1, alpha_warmup_steps)
+        self.mlm_prob = cfg.mlm_prob
+        self.momentum = MomentumModel(model, cfg.momentum, skip=("answer_heads",)) if cfg.momentum > 0 else None
+        self.queues = nn.ModuleDict({s: FeatureQueue(cfg.queue_size, cfg.embed_dim)
+                                     for s in streams if s in ALIGN_STREAMS})
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+
+    def current_alpha(self) -> float:
+        if self.momentum is None:
+            return 0.0
+        return self.alpha * min(1.0, int(self.step) / self.alpha_warmup_steps)
+
+    def forward(self, stream: str, batch: dict) -> dict:
+        if stream in ALIGN_STREAMS:
+            losses = self.align(stream, batch)
+        elif stream in ANSWER_STREAMS:
+            losses = self.answer(stream, batch)
+        else:
+            raise KeyError(f"unknown training stream {stream!r}")
+        self.step += 1
+        return losses
+
+    def _vision(self, batch: dict) -> torch.Tensor:
+        return batch["video"] if "video" in batch else batch["image"]
+
+    def _ids(self, batch: dict) -> torch.Tensor:
+        ids = batch.get("video_id", batch.get("image_id"))
+        return torch.as_tensor(ids, device=batch["text_ids"].device)
+
+    def align(self, stream: str, batch: dict) -> dict:
+        """ITC with queue + distillation, ITM with hard negatives, MLM with distillation."""
+        model, pixels = self.model, self._vision(batch)
+        ids, mask, pair_ids = batch["text_ids"], batch["text_mask"], self._ids(batch)
+        alpha = self.current_alpha()
+        with torch.no_grad():
+            model.temp.clamp_(0.001, 0.5)
+        vision, text = model.encode_vision(pixels), model.encode_text(ids, mask)
+        momentum = self._momentum_features(pixels, ids, mask)
+        losses = {"itc": self._itc(stream, vision.feat, text.feat, momentum, pair_ids, alpha)}
+        if self.has_fusion:
+            sim_t2v = text.feat @ vision.feat.t() / model.temp
+            losses["itm"], losses["itm_acc"] = itm_loss(model, text.tokens, vision.tokens, sim_t2v.detach(),
+                                                        sim_t2v.t().detach(), pair_ids)
+            if self.loss_weights["mlm"] > 0:
+                losses["mlm"] = self._mlm(ids, mask, vision, momentum, alpha)
+        losses["loss"] = sum(self.loss_weights[k] * losses[k] for k in ("itc", "itm", "mlm") if k in losses)
+        return losses
+
+    def _momentum_features(self, pixels, ids, mask):
+        if self.momentum is None:
+            return None
+        with torch.no_grad():
+            self.momentum.update(self.model)
+            teacher = self.momentum.model
+            return teacher.encode_vision(pixels), teacher.encode_text(ids, mask)
+
+    def _itc(self, stream, vision_feat, text_feat, momentum, pair_ids, alpha):
+        vision_all, text_all = gather_with_grad(vision_feat), gather_with_grad(text_feat)
+        ids_all = gather_no_grad(pair_ids)
+        if momentum is None:
+            vision_m = text_m = None
+            vision_keys, text_keys = vision_all, text_all
+        else:
+            vision_m, text_m = gather_no_grad(momentum[0].feat), gather_no_grad(momentum[1].feat)
+            vision_keys, text_keys = vision_m, text_m
+        queue = self.queues[stream]
+        queue_vision, queue_text, queue_ids = queue.contents()
+        vision_keys = torch.cat([vision_keys, queue_vision])
+        text_keys = torch.cat([text_keys, queue_text])
+        targets = positive_targets(ids_all, torch.cat([ids_all, queue_ids]))
+        loss = itc_loss(vision_all, text_all, vision_keys, text_keys, self.model.temp, targets,
+                        vision_m, text_m, alpha)
+        queue.enqueue(vision_keys[: len(ids_all)].detach(), text_keys[: len(ids_all)].detach(), ids_all)
+        return loss
+
+    def _mlm(self, ids, mask, vision, momentum, alpha):
+        tok = self.model.tokenizer
+        masked, labels = mask_tokens(ids, tok.special_ids, tok.mask_id, tok.bpe_size, self.mlm_prob)
+        where = labels != -100
+        if not where.any():
+            return ids.new_zeros((), dtype=torch.float)
+        logits = self._masked_logits(self.model, masked, mask, vision.tokens, where)
+        logits_m = None
+        if momentum is not None and alpha > 0:
+            with torch.no_grad():
+                logits_m = self._masked_logits(self.momentum.model, masked, mask, momentum[0].tokens, where)
+        return mlm_loss(logits, labels[where], logits_m, alpha)
+
+    @staticmethod
+    def _masked_logits(model, masked, mask, vision_tokens, where):
+        text = model.encode_text(masked, mask)
+        joint = model.fuse(text.tokens, vision_tokens)
+        return model.mlm_head(joint.x[:, : masked.shape[1]][where])
+
+    def answer(self, stream: str, batch: dict) -> dict:
+        model = self.model
+        vision = model.encode_vision(self._vision(batch))
+        question = model.encode_text(batch["question_ids"], batch["question_mask"])
+        logits = model.answer_logits(stream, question.tokens, vision.tokens)
+        target = batch["target"]
+        loss = vqa_loss(logits, target)
+        accuracy = target.gather(1, logits.argmax(1, keepdim=True)).mean()
+        return {"loss": loss, stream: loss.detach(), f"{stream}_acc": accuracy}
