@@ -45,6 +45,7 @@ class ModelConfig:
     alpha: float = 0.4
     mlm_prob: float = 0.15
     answers: dict = field(default_factory=dict)  # head name -> answer list (filled from the data)
+    preprocess: dict = field(default_factory=dict)  # image_size, mean, std, num_frames (filled from the data)
     num_classes: int = 0             # segmentation classes (task: segmentation)
 
 

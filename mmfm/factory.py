@@ -42,13 +42,15 @@ def _path(cfg: Config, relative: str) -> str:
 
 
 def with_answers(cfg: Config, streams) -> Config:
-    """Fill model.answers from the answer lists of the answer streams (kept if already set)."""
+    """Fill model.answers from the answer streams' lists and model.preprocess from the data block."""
     answers = dict(cfg.model.answers)
     if "vqa" in streams and "vqa" not in answers:
         answers["vqa"] = read_json(_path(cfg, cfg.data.answer_list))
     if "video_qa" in streams and "video_qa" not in answers:
         answers["video_qa"] = read_json(_path(cfg, cfg.data.video_answer_list))
-    return replace(cfg, model=replace(cfg.model, answers=answers))
+    preprocess = {"image_size": cfg.data.image_size, "mean": list(cfg.data.mean), "std": list(cfg.data.std),
+                  "num_frames": cfg.data.num_frames}
+    return replace(cfg, model=replace(cfg.model, answers=answers, preprocess=preprocess))
 
 
 def build_model(cfg: ModelConfig) -> MMFM:
