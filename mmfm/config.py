@@ -119,8 +119,18 @@ def _closest(name: str, options) -> str:
     return f" (did you mean {match[0]!r}?)" if match else ""
 
 
+def _parse_number(text: str, key: str) -> float:
+    """YAML 1.1 reads ``1e-3`` as a string; accept any Python float literal."""
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"config key {key!r} must be a number, got {text!r}") from None
+
+
 def _coerce(value, kind, key: str):
     origin = typing.get_origin(kind) or kind
+    if origin in (int, float) and isinstance(value, str):
+        value = _parse_number(value, key)
     if origin is bool and not isinstance(value, bool):
         raise ConfigError(f"config key {key!r} must be true or false, got {value!r}")
     if origin in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))):

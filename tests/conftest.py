@@ -47,3 +47,27 @@ def write_mp4():
 @pytest.fixture
 def write_json():
     return _write_json
+
+
+TINY_MODEL = [
+    "model.width=64", "model.depth=3", "model.heads=2", "model.fusion_layer=2", "model.embed_dim=32",
+    "model.patch_size=16", "model.queue_size=37", "model.max_frames=4", "data.num_frames=2",
+    "data.num_workers=0", "train.batch_size=16", "train.warmup_steps=2", "train.log_every=1",
+    "train.threads=1", "eval.batch_size=64",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_shapes(tmp_path_factory):
+    """A tiny ShapesWorld corpus (generated once per test session)."""
+    from mmfm.data.shapes import generate
+
+    root = tmp_path_factory.mktemp("shapes")
+    generate(root, images=160, videos=24, size=64, frames=4, seed=0, workers=1)
+    return root
+
+
+@pytest.fixture
+def tiny_overrides(tiny_shapes):
+    """Overrides that make configs/demo_shapes.yaml a seconds-long run on the tiny corpus."""
+    return [f"data.root={tiny_shapes}", *TINY_MODEL]

@@ -155,7 +155,7 @@ class Trainer:
             writer.close()
         return {"train_seconds": round(state["elapsed"], 2), "steps": state["step"],
                 "samples_per_s": round(state["samples"] / max(state["elapsed"], 1e-9), 2),
-                "bad_samples": state["num_bad"]}
+                "bad_samples": state["num_bad"], "world_size": acc.num_processes}
 
     def _step(self, objective, optimizer, scheduler, iterators, streams, schedule, state, tracker) -> dict:
         cfg, acc = self.cfg, self.accelerator

@@ -1,0 +1,32 @@
+"""Typed configs: YAML + dotted overrides, unknown keys named with the closest valid one."""
+
+import pytest
+
+from mmfm.config import load_config
+from mmfm.errors import ConfigError
+
+
+def test_demo_config_loads_with_overrides():
+    cfg = load_config("configs/demo_shapes.yaml", ["train.max_steps=50", "data.root=/x", "train.seed=3"])
+    assert cfg.train.max_steps == 50 and cfg.data.root == "/x" and cfg.train.seed == 3
+    assert cfg.model.fusion_layer < cfg.model.depth
+
+
+def test_unknown_key_names_the_key_and_the_closest(tmp_path):
+    with pytest.raises(ConfigError, match=r"train\.max_step'.*did you mean 'max_steps'"):
+        load_config("configs/demo_shapes.yaml", ["train.max_step=5"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  widht: 8\n")
+    with pytest.raises(ConfigError, match=r"model\.widht.*'width'"):
+        load_config(bad)
+
+
+def test_wrong_types_and_values_are_rejected(tmp_path):
+    with pytest.raises(ConfigError, match="train.max_steps"):
+        load_config(None, ["train.max_steps=many"])
+    with pytest.raises(ConfigError, match="train.precision"):
+        load_config(None, ["train.precision=fp8"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="task"):
+        load_config(None, ["task=pretrian"])
