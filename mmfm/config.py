@@ -72,7 +72,8 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     tasks: dict = field(default_factory=dict)  # stream -> mixing weight; empty = the task's default
-    batch_size: int = 64
+    batch_size: int = 64             # global batch of image streams
+    video_batch_size: int = 0        # global batch of video streams (0 = batch_size)
     lr: float = 1e-4
     weight_decay: float = 0.02
     warmup_steps: int = 100

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mmfm.models.trunk import TokenBatch
+from mmfm.models.trunk import FusionContext, TokenBatch
 
 
 @torch.no_grad()
@@ -47,12 +47,12 @@ def _rows(tokens: TokenBatch, index) -> TokenBatch:
 
 
 @torch.no_grad()
-def itm_scores(model, text: TokenBatch, vision: TokenBatch, text_idx, vision_idx, batch_size: int = 256):
-    """Positive-class ITM logits of the (text_idx[i], vision_idx[i]) pairs."""
+def itm_scores(model, text: TokenBatch, vision: FusionContext, text_idx, vision_idx, batch_size: int = 256):
+    """Positive-class ITM logits of the (text_idx[i], vision_idx[i]) pairs; ``vision`` is a fusion context."""
     out = []
     for start in range(0, len(text_idx), batch_size):
         t = _rows(text, text_idx[start:start + batch_size])
-        v = _rows(vision, vision_idx[start:start + batch_size])
+        v = vision.select(vision_idx[start:start + batch_size])
         out.append(model.itm_logits(t, v)[:, 1].float())
     return torch.cat(out) if out else torch.zeros(0)
 
@@ -64,16 +64,17 @@ def rerank_scores(model, vision: TokenBatch, vision_feat, text: TokenBatch, text
     sim = (vision_feat @ text_feat.t()).float()
     if model.cfg.fusion_layer >= model.cfg.depth or k_test <= 0:
         return sim.cpu().numpy(), sim.t().cpu().numpy()
+    context = model.fusion_context(vision)
     v2t = torch.full_like(sim, -100.0)
     t2v = torch.full_like(sim.t(), -100.0)
     k_v2t, k_t2v = min(k_test, sim.shape[1]), min(k_test, sim.shape[0])
     top_sim, top_idx = sim.topk(k_v2t, dim=1)
     rows = torch.arange(sim.shape[0], device=sim.device).repeat_interleave(k_v2t)
-    scores = itm_scores(model, text, vision, top_idx.reshape(-1), rows)
+    scores = itm_scores(model, text, context, top_idx.reshape(-1), rows)
     v2t[rows, top_idx.reshape(-1)] = scores + top_sim.reshape(-1)
     top_sim, top_idx = sim.t().topk(k_t2v, dim=1)
     rows = torch.arange(sim.shape[1], device=sim.device).repeat_interleave(k_t2v)
-    scores = itm_scores(model, text, vision, rows, top_idx.reshape(-1))
+    scores = itm_scores(model, text, context, rows, top_idx.reshape(-1))
     t2v[rows, top_idx.reshape(-1)] = scores + top_sim.reshape(-1)
     return v2t.cpu().numpy(), t2v.cpu().numpy()
 

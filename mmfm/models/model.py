@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from mmfm.config import ModelConfig
 from mmfm.layers.attention import set_backend
 from mmfm.models.heads import AnswerHead, MLMHead
-from mmfm.models.trunk import TokenBatch, UnifiedTrunk
+from mmfm.models.trunk import FusionContext, TokenBatch, UnifiedTrunk
 from mmfm.tokenizers.text import TextTokenizer
 
 
@@ -89,13 +89,16 @@ class MMFM(nn.Module):
 
     # ---- fusion -----------------------------------------------------------------------------------
 
-    def fuse(self, text: TokenBatch, vision: TokenBatch) -> TokenBatch:
+    def fusion_context(self, vision: TokenBatch) -> FusionContext:
+        return self.trunk.fusion_context(vision)
+
+    def fuse(self, text: TokenBatch, vision: TokenBatch | FusionContext) -> TokenBatch:
         return self.trunk.fuse(text, vision)
 
-    def itm_logits(self, text: TokenBatch, vision: TokenBatch) -> torch.Tensor:
+    def itm_logits(self, text: TokenBatch, vision: TokenBatch | FusionContext) -> torch.Tensor:
         return self.itm_head(self.fuse(text, vision).cls())
 
-    def answer_logits(self, head: str, text: TokenBatch, vision: TokenBatch) -> torch.Tensor:
+    def answer_logits(self, head: str, text: TokenBatch, vision: TokenBatch | FusionContext) -> torch.Tensor:
         return self.answer_heads[head](self.fuse(text, vision).cls())
 
     def config_dict(self) -> dict:

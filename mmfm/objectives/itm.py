@@ -7,7 +7,7 @@ masked out, and likewise for every image; the fusion layers classify the 3B pair
 import torch
 import torch.nn.functional as F
 
-from mmfm.models.trunk import TokenBatch
+from mmfm.models.trunk import FusionContext, TokenBatch
 
 
 @torch.no_grad()
@@ -31,23 +31,18 @@ def _select(tokens: TokenBatch, index: torch.Tensor) -> TokenBatch:
     return TokenBatch(tokens.x[index], mask, tokens.roll)
 
 
-def _concat(parts: list[TokenBatch]) -> TokenBatch:
-    masks = [p.mask for p in parts]
-    mask = None if all(m is None for m in masks) else torch.cat(
-        [m if m is not None else torch.ones(p.x.shape[:2], dtype=torch.bool, device=p.x.device)
-         for p, m in zip(parts, masks)])
-    return TokenBatch(torch.cat([p.x for p in parts]), mask, parts[0].roll)
-
-
-def itm_loss(model, text: TokenBatch, vision: TokenBatch, sim_t2v: torch.Tensor, sim_v2t: torch.Tensor,
+def itm_loss(model, text: TokenBatch, vision: FusionContext, sim_t2v: torch.Tensor, sim_v2t: torch.Tensor,
              ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (loss, accuracy). ``sim_*`` are the local in-batch similarities, ``ids`` the pair ids."""
-    batch = len(ids)
+    """Returns (loss, accuracy) over positives, (text, hard-negative vision) and (hard-negative text, vision).
+
+    ``vision`` is the batch's fusion context (computed once), ``sim_*`` the local in-batch similarities,
+    ``ids`` the pair ids.
+    """
     neg_vision = sample_hard_negatives(sim_t2v, ids, ids)
     neg_text = sample_hard_negatives(sim_v2t, ids, ids)
-    arange = torch.arange(batch, device=ids.device)
-    text_all = _concat([text, _select(text, arange), _select(text, neg_text)])
-    vision_all = _concat([vision, _select(vision, neg_vision), _select(vision, arange)])
+    arange = torch.arange(len(ids), device=ids.device)
+    text_all = _select(text, torch.cat([arange, arange, neg_text]))
+    vision_all = vision.select(torch.cat([arange, neg_vision, arange]))
     labels = torch.cat([torch.ones_like(ids), (ids == ids[neg_vision]).long(), (ids[neg_text] == ids).long()])
     logits = model.itm_logits(text_all, vision_all)
     return F.cross_entropy(logits, labels), (logits.argmax(1) == labels).float().mean()

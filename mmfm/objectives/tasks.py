@@ -65,11 +65,11 @@ class MultiTaskObjective(nn.Module):
         momentum = self._momentum_features(pixels, ids, mask)
         losses = {"itc": self._itc(stream, vision.feat, text.feat, momentum, pair_ids, alpha)}
         if self.has_fusion:
-            sim_t2v = text.feat @ vision.feat.t() / model.temp
-            losses["itm"], losses["itm_acc"] = itm_loss(model, text.tokens, vision.tokens, sim_t2v.detach(),
-                                                        sim_t2v.t().detach(), pair_ids)
+            context = model.fusion_context(vision.tokens)
+            sim_t2v = (text.feat @ vision.feat.t() / model.temp).detach()
+            losses["itm"], losses["itm_acc"] = itm_loss(model, text.tokens, context, sim_t2v, sim_t2v.t(), pair_ids)
             if self.loss_weights["mlm"] > 0:
-                losses["mlm"] = self._mlm(ids, mask, vision, momentum, alpha)
+                losses["mlm"] = self._mlm(ids, mask, context, momentum, alpha)
         losses["loss"] = sum(self.loss_weights[k] * losses[k] for k in ("itc", "itm", "mlm") if k in losses)
         return losses
 
@@ -100,13 +100,13 @@ class MultiTaskObjective(nn.Module):
         queue.enqueue(vision_keys[: len(ids_all)].detach(), text_keys[: len(ids_all)].detach(), ids_all)
         return loss
 
-    def _mlm(self, ids, mask, vision, momentum, alpha):
+    def _mlm(self, ids, mask, context, momentum, alpha):
         tok = self.model.tokenizer
         masked, labels = mask_tokens(ids, tok.special_ids, tok.mask_id, tok.bpe_size, self.mlm_prob)
         where = labels != -100
         if not where.any():
             return ids.new_zeros((), dtype=torch.float)
-        logits = self._masked_logits(self.model, masked, mask, vision.tokens, where)
+        logits = self._masked_logits(self.model, masked, mask, context, where)
         logits_m = None
         if momentum is not None and alpha > 0:
             with torch.no_grad():
@@ -114,9 +114,9 @@ class MultiTaskObjective(nn.Module):
         return mlm_loss(logits, labels[where], logits_m, alpha)
 
     @staticmethod
-    def _masked_logits(model, masked, mask, vision_tokens, where):
+    def _masked_logits(model, masked, mask, vision, where):
         text = model.encode_text(masked, mask)
-        joint = model.fuse(text.tokens, vision_tokens)
+        joint = model.fuse(text.tokens, vision)
         return model.mlm_head(joint.x[:, : masked.shape[1]][where])
 
     def answer(self, stream: str, batch: dict) -> dict:
