@@ -115,21 +115,27 @@ def evaluate_retrieval(model, loader, dataset, key: str = "image", k_test: int =
     return recall_metrics(v2t, t2v, dataset.txt2img, dataset.img2txt, prefix)
 
 
+def _pair_scores(model, vision, text):
+    """Match score of aligned (text_i, vision_i) pairs: ITM margin, or ITC similarity without fusion layers."""
+    if model.cfg.fusion_layer >= model.cfg.depth:
+        return (text.feat * vision.feat).sum(-1)
+    logits = model.itm_logits(text.tokens, vision.tokens)
+    return logits[:, 1] - logits[:, 0]
+
+
 @torch.no_grad()
 def evaluate_binding(model, loader) -> dict:
-    """Share of probes whose true caption gets a higher ITM score than its colour-swapped twin."""
+    """Share of probes whose true caption outscores its colour-swapped twin (ITM; ITC for dual encoders)."""
     device = next(model.parameters()).device
     wins, total = 0, 0
     for batch in loader:
         if "image" not in batch:
             continue
-        vision = model.encode_vision(batch["image"].to(device)).tokens
+        vision = model.encode_vision(batch["image"].to(device))
         scores = []
         for key in ("caption", "swapped"):
             ids, mask = model.tokenizer(batch[key])
-            text = model.encode_text(ids.to(device), mask.to(device)).tokens
-            logits = model.itm_logits(text, vision)
-            scores.append(logits[:, 1] - logits[:, 0])
+            scores.append(_pair_scores(model, vision, model.encode_text(ids.to(device), mask.to(device))))
         wins += int((scores[0] > scores[1]).sum())
         total += len(scores[0])
     return {"binding_acc": round(100.0 * wins / max(total, 1), 2)}
