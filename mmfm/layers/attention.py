@@ -36,9 +36,15 @@ def set_backend(name: str | None) -> None:
 
 @lru_cache(maxsize=1)
 def xformers_available() -> bool:
+    """xformers imports and, where CUDA is present, its kernel runs (a wheel built for another torch
+    imports but has no working kernels; ``auto`` must then fall back to SDPA)."""
     try:
-        import xformers.ops  # noqa: F401
-    except Exception:
+        import xformers.ops as xops
+
+        if torch.cuda.is_available():
+            probe = torch.zeros(1, 8, 1, 64, device="cuda", dtype=torch.float16)
+            xops.memory_efficient_attention(probe, probe, probe)
+    except Exception:  # noqa: BLE001  (any import or kernel failure means: not usable here)
         return False
     return True
 
@@ -119,34 +125,77 @@ def attention(q, k, v, *, mask: torch.Tensor | None = None, causal: bool = False
     return _PADDED[resolve_backend(backend, q.device)](q, k, v, mask, causal)
 
 
+@dataclass(frozen=True)
+class LengthBucket:
+    """``count`` sequences of similar length, right-padded to ``width``, at slot ``offset`` of the slot axis.
+
+    ``keep`` (count, width) is the key mask of the real slots, None when no slot is padding.
+    """
+
+    count: int
+    width: int
+    offset: int
+    keep: torch.Tensor | None
+
+
+def length_buckets(lengths: list[int], slack: float) -> list[list[int]]:
+    """Sequence indices grouped longest first; a bucket grows while width * count <= slack * its real tokens."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    buckets, current, real = [], [], 0
+    for i in order:
+        if current and lengths[current[0]] * (len(current) + 1) > slack * (real + lengths[i]):
+            buckets.append(current)
+            current, real = [], 0
+        current.append(i)
+        real += lengths[i]
+    return buckets + [current]
+
+
 @dataclass
 class PackedSeqs:
     """Layout of variable-length sequences concatenated along one token axis.
 
-    Sequences of equal length are grouped so the SDPA/math backends run one batched call per distinct
-    length (never a (T x T) mask); xformers uses one block-diagonal bias over everything.
+    The SDPA/math backends run one batched call per length bucket: sequences of similar length are
+    right-padded to the bucket's longest with a key-padding mask, so padding stays within ``slack`` (1.25:
+    at most 25% extra slots) and a batch of 64 texts of 74 possible lengths needs a handful of calls, not
+    one per length (slack=1: one call per distinct length, no padding at all). All buckets live on one
+    "slot" axis: ``slot_token`` gathers tokens into slots and ``token_slot`` brings the results back, one
+    index_select each way per tensor, whatever the number of buckets. Never a (T x T) mask; xformers uses
+    one block-diagonal bias over everything.
     """
 
     lengths: list[int]
     device: torch.device
+    slack: float = 1.25
     cu_seqlens: torch.Tensor = field(init=False)
-    groups: list[tuple[int, torch.Tensor]] = field(init=False)
+    buckets: list[LengthBucket] = field(init=False)
+    slot_token: torch.Tensor | None = field(init=False)
+    token_slot: torch.Tensor | None = field(init=False)
     _xformers_bias: object = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
         if not self.lengths or min(self.lengths) < 1:
             raise ValueError(f"packed sequences need lengths >= 1, got {self.lengths}")
-        starts = [0]
-        for n in self.lengths:
-            starts.append(starts[-1] + n)
-        self.cu_seqlens = torch.tensor(starts, dtype=torch.int32, device=self.device)
-        by_length: dict[int, list[int]] = {}
-        for start, n in zip(starts, self.lengths):
-            by_length.setdefault(n, []).append(start)
-        self.groups = [
-            (n, (torch.tensor(group_starts)[:, None] + torch.arange(n)).reshape(-1).to(self.device))
-            for n, group_starts in by_length.items()
-        ]
+        starts = torch.tensor([0, *self.lengths]).cumsum(0)
+        self.cu_seqlens = starts.to(torch.int32).to(self.device)
+        self.buckets, gathers, real_slots, offset = [], [], [], 0
+        for members in length_buckets(self.lengths, self.slack):
+            lengths = torch.tensor([self.lengths[i] for i in members])
+            width = int(lengths.max())
+            keep = torch.arange(width)[None] < lengths[:, None]
+            gathers.append((starts[members][:, None] + torch.where(keep, torch.arange(width), 0)).flatten())
+            real_slots.append(keep.flatten().nonzero().flatten() + offset)
+            self.buckets.append(LengthBucket(len(members), width, offset, None if keep.all() else keep.to(self.device)))
+            offset += len(members) * width
+        self._set_slot_maps(torch.cat(gathers), torch.cat(real_slots), int(starts[-1]))
+
+    def _set_slot_maps(self, slot_token: torch.Tensor, real_slots: torch.Tensor, total: int) -> None:
+        """Index maps token axis -> slot axis and back; both None when the two axes coincide."""
+        token_slot = torch.empty(total, dtype=torch.long)
+        token_slot[slot_token[real_slots]] = real_slots
+        identity = len(slot_token) == total and torch.equal(slot_token, torch.arange(total))
+        self.slot_token = None if identity else slot_token.to(self.device)
+        self.token_slot = None if identity else token_slot.to(self.device)
 
     @classmethod
     def from_cu_seqlens(cls, cu_seqlens: torch.Tensor) -> "PackedSeqs":
@@ -176,11 +225,18 @@ def packed_attention(q, k, v, cu_seqlens, *, causal: bool = False, backend: str 
         if causal:
             bias = bias.make_causal()
         return xops.memory_efficient_attention(q[None], k[None], v[None], attn_bias=bias)[0]
-    out = torch.empty_like(q)
-    for length, index in layout.groups:
-        def gather(t):
-            return t.index_select(0, index).view(-1, length, *t.shape[1:]).transpose(1, 2)
+    if layout.slot_token is not None:
+        q, k, v = (t.index_select(0, layout.slot_token) for t in (q, k, v))
+    results = []
+    for bucket in layout.buckets:
+        padded = [_bucket_batch(t, bucket) for t in (q, k, v)]
+        mask = None if bucket.keep is None else _expand_key_padding(bucket.keep, bucket.width)
+        results.append(_PADDED[name](*padded, mask, causal).transpose(1, 2).flatten(0, 1))
+    out = results[0] if len(results) == 1 else torch.cat(results)
+    return out if layout.token_slot is None else out.index_select(0, layout.token_slot)
 
-        result = _PADDED[name](gather(q), gather(k), gather(v), None, causal)
-        out.index_copy_(0, index, result.transpose(1, 2).reshape(-1, *q.shape[1:]))
-    return out
+
+def _bucket_batch(slots: torch.Tensor, bucket: LengthBucket) -> torch.Tensor:
+    """(S, H, D) slot axis -> (count, H, width, D): the bucket's right-padded batch (a view, no copy)."""
+    rows = slots.narrow(0, bucket.offset, bucket.count * bucket.width)
+    return rows.view(bucket.count, bucket.width, *slots.shape[1:]).transpose(1, 2)

@@ -7,7 +7,10 @@ any timm ViT (ViLT / All-in-One start from ViT weights) and reproduces its ``for
 
 Inputs are embedded here (text token + position, image patches + 2-D position interpolated to any grid,
 video frames + temporal embedding, a modality-type embedding for each); videos get temporal token
-rolling before every layer, unimodal and joint. Token batches are padded (B, L, D) with a key mask, or
+rolling before every layer, unimodal and joint. With ``tubelet_size`` t > 1 a clip is embedded C-ViViT
+style: the first frame alone through the 2-D patch embedding, later frames as t x p x p tubelets through a
+Conv3d initialised by inflating the 2-D weights (/ t), so a still clip embeds like its image. Token
+batches are padded (B, L, D) with a key mask, or
 packed (T, D) without padding (variable image sizes / video lengths / text lengths).
 """
 
@@ -61,6 +64,42 @@ class TokenBatch:
         return TokenBatch(x, mask, None if self.roll is None else self.roll[:width])
 
 
+def cat_packed(*batches: TokenBatch) -> TokenBatch:
+    """Packed batches of any modalities as ONE packed batch (one forward for texts, images and videos).
+
+    Sequences keep their order: those of ``batches[0]`` first. Rolling indices are shifted to the new
+    offsets; sequences without rolling get the identity.
+    """
+    if any(b.packed is None for b in batches):
+        raise ModelError("cat_packed takes packed TokenBatches (embed_*_packed)")
+    x = torch.cat([b.x for b in batches])
+    packed = PackedSeqs([n for b in batches for n in b.packed.lengths], x.device)
+    roll = None
+    if any(b.roll is not None for b in batches):
+        offsets, parts = 0, []
+        for b in batches:
+            own = b.roll if b.roll is not None else torch.arange(len(b.x), device=x.device)
+            parts.append(own + offsets)
+            offsets += len(b.x)
+        roll = torch.cat(parts)
+    return TokenBatch(x, roll=roll, packed=packed)
+
+
+@dataclass
+class FusionContext:
+    """Vision input of the fusion layers: the tokens, plus per-layer keys/values in ``cross`` mode."""
+
+    tokens: TokenBatch
+    kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def select(self, index: torch.Tensor) -> "FusionContext":
+        """Rows ``index`` (repeats allowed): one context per (text, vision) pair to score."""
+        mask = None if self.tokens.mask is None else self.tokens.mask[index]
+        tokens = TokenBatch(self.tokens.x[index], mask, self.tokens.roll)
+        kv = None if self.kv is None else [(k[index], v[index]) for k, v in self.kv]
+        return FusionContext(tokens, kv)
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
         super().__init__()
@@ -70,14 +109,19 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward_cross(self, text, vision, mask):
+    def vision_kv(self, vision: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values (B, H, L, Dh) of normed vision tokens, the cross-fusion context of one layer."""
+        batch, length, dim = vision.shape
+        bias = None if self.qkv.bias is None else self.qkv.bias[dim:]
+        kv = F.linear(vision, self.qkv.weight[dim:], bias)
+        k, v = kv.view(batch, length, 2, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
+        return k, v
+
+    def forward_cross(self, text, k_vision, v_vision, mask):
         """Text queries over [text ; vision] keys/values; vision is context only (not updated)."""
         batch, length, dim = text.shape
         head_dim = dim // self.num_heads
         q, k_text, v_text = self.qkv(text).view(batch, length, 3, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
-        bias = None if self.qkv.bias is None else self.qkv.bias[dim:]
-        kv = F.linear(vision, self.qkv.weight[dim:], bias)
-        k_vision, v_vision = kv.view(batch, vision.shape[1], 2, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
         out = attention(q, torch.cat([k_text, k_vision], 2), torch.cat([v_text, v_vision], 2), mask=mask)
         return self.proj(out.transpose(1, 2).reshape(batch, length, dim))
 
@@ -114,9 +158,9 @@ class Block(nn.Module):
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), mask, packed)))
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
-    def forward_cross(self, text, vision, mask=None):
-        """Update only the text tokens, attending to themselves and to the fixed vision tokens."""
-        text = text + self.drop_path1(self.ls1(self.attn.forward_cross(self.norm1(text), self.norm1(vision), mask)))
+    def forward_cross(self, text, k_vision, v_vision, mask=None):
+        """Update only the text tokens, attending to themselves and to the fixed vision keys/values."""
+        text = text + self.drop_path1(self.ls1(self.attn.forward_cross(self.norm1(text), k_vision, v_vision, mask)))
         return text + self.drop_path2(self.ls2(self.mlp(self.norm2(text))))
 
 
@@ -139,6 +183,7 @@ class UnifiedTrunk(nn.Module):
         init_values: float | None = None,
         rolling: bool = True,
         fusion_mode: str = "joint",
+        tubelet_size: int = 1,
     ):
         super().__init__()
         fusion_layer = depth if fusion_layer is None else fusion_layer
@@ -147,12 +192,18 @@ class UnifiedTrunk(nn.Module):
         if fusion_mode not in FUSION_MODES:
             raise ModelError(f"model.fusion_mode={fusion_mode!r}: use one of {', '.join(FUSION_MODES)}")
         self.width, self.depth, self.fusion_layer, self.fusion_mode = width, depth, fusion_layer, fusion_mode
+        if tubelet_size < 1:
+            raise ModelError(f"tubelet_size={tubelet_size} must be >= 1")
         self.patch_size, self.rolling, self.max_frames = patch_size, rolling, max_frames
+        self.tubelet_size = tubelet_size
         self.grid = (img_size // patch_size, img_size // patch_size)
         self.grad_checkpointing = False
 
         self.patch_embed = nn.Module()
         self.patch_embed.proj = nn.Conv2d(in_chans, width, patch_size, patch_size)
+        if tubelet_size > 1:
+            kernel = (tubelet_size, patch_size, patch_size)
+            self.tubelet_embed = nn.Conv3d(in_chans, width, kernel, kernel)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid[0] * self.grid[1], width))
         self.temporal_embed = nn.Parameter(torch.zeros(1, max_frames, width))
@@ -176,6 +227,16 @@ class UnifiedTrunk(nn.Module):
             if isinstance(module, nn.Linear):
                 trunc_normal_(module.weight, std=0.02)
                 nn.init.zeros_(module.bias)
+        self.inflate_tubelet_embed()
+
+    @torch.no_grad()
+    def inflate_tubelet_embed(self) -> None:
+        """Copy the 2-D patch embedding into every time slice of the tubelet Conv3d, divided by t."""
+        if self.tubelet_size == 1:
+            return
+        weight = self.patch_embed.proj.weight
+        self.tubelet_embed.weight.copy_(weight[:, :, None].expand_as(self.tubelet_embed.weight) / self.tubelet_size)
+        self.tubelet_embed.bias.copy_(self.patch_embed.proj.bias)
 
     @classmethod
     def from_timm(cls, vit: nn.Module, **kwargs) -> "UnifiedTrunk":
@@ -198,10 +259,12 @@ class UnifiedTrunk(nn.Module):
         )
         source = {k: v for k, v in vit.state_dict().items() if not k.startswith(("head", "fc_norm"))}
         missing, unexpected = trunk.load_state_dict(source, strict=False)
-        own = {"temporal_embed", "token_embed.weight", "text_pos_embed", "type_embed"}
+        own = {"temporal_embed", "token_embed.weight", "text_pos_embed", "type_embed",
+               "tubelet_embed.weight", "tubelet_embed.bias"}
         if unexpected or set(missing) - own:
             raise ModelError(f"timm ViT does not fit the trunk: missing {sorted(set(missing) - own)}, "
                              f"unexpected {sorted(unexpected)}")
+        trunk.inflate_tubelet_embed()
         return trunk
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -220,10 +283,28 @@ class UnifiedTrunk(nn.Module):
                              "use the native-aspect transform, which rounds sizes up to the patch grid")
         x = self.patch_embed.proj(pixels)
         grid = (x.shape[-2], x.shape[-1])
+        return x.flatten(2).transpose(1, 2) + self._patch_pos_embed(grid), grid
+
+    def _patch_pos_embed(self, grid: tuple[int, int]) -> torch.Tensor:
+        """(1, h*w, D) 2-D position embedding, interpolated when the grid differs from the trained one."""
         pos = self.pos_embed[:, 1:]
         if grid != self.grid:
             pos = resample_abs_pos_embed(pos, list(grid), list(self.grid), num_prefix_tokens=0)
-        return x.flatten(2).transpose(1, 2) + pos, grid
+        return pos
+
+    def _frame_tokens(self, frames: torch.Tensor) -> torch.Tensor:
+        """(B, T, C, H, W) -> (B, T', N, D) patch tokens per token-frame (T' = T, or 1 + (T-1)/t with tubelets)."""
+        batch, num_frames = frames.shape[:2]
+        if self.tubelet_size == 1 or num_frames == 1:
+            tokens, _ = self._patch_tokens(frames.flatten(0, 1))
+            return tokens.view(batch, num_frames, tokens.shape[1], -1)
+        if (num_frames - 1) % self.tubelet_size:
+            raise ModelError(f"clip of {num_frames} frames: with tubelet_size={self.tubelet_size} a clip needs "
+                             f"1 + k*{self.tubelet_size} frames (first frame alone, then whole tubelets)")
+        first, grid = self._patch_tokens(frames[:, 0])
+        later = self.tubelet_embed(frames[:, 1:].transpose(1, 2))  # (B, D, T'-1, h, w)
+        later = later.flatten(3).permute(0, 2, 3, 1) + self._patch_pos_embed(grid)
+        return torch.cat([first[:, None], later], dim=1)
 
     def _with_cls(self, tokens: torch.Tensor, modality: int) -> torch.Tensor:
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)
@@ -242,12 +323,11 @@ class UnifiedTrunk(nn.Module):
 
     def embed_video(self, frames: torch.Tensor) -> TokenBatch:
         """(B, T, C, H, W) -> [CLS, frame-major patches] with temporal embedding and a rolling index."""
-        batch, num_frames = frames.shape[:2]
+        tokens = self._frame_tokens(frames)
+        num_frames, per_frame = tokens.shape[1:3]
         if num_frames > self.max_frames:
-            raise ModelError(f"clip of {num_frames} frames exceeds model.max_frames={self.max_frames}")
-        tokens, grid = self._patch_tokens(frames.flatten(0, 1))
-        per_frame = tokens.shape[1]
-        tokens = tokens.view(batch, num_frames, per_frame, -1) + self.temporal_embed[:, :num_frames, None]
+            raise ModelError(f"clip of {num_frames} (token) frames exceeds model.max_frames={self.max_frames}")
+        tokens = tokens + self.temporal_embed[:, :num_frames, None]
         x = self._with_cls(tokens.flatten(1, 2), VIDEO)
         roll = roll_index(num_frames, per_frame).to(x.device) if self.rolling and num_frames > 1 else None
         return TokenBatch(x, roll=roll)
@@ -257,6 +337,20 @@ class UnifiedTrunk(nn.Module):
         sequences = [self._with_cls(self._patch_tokens(img[None])[0], IMAGE)[0] for img in images]
         packed = PackedSeqs([len(s) for s in sequences], sequences[0].device)
         return TokenBatch(torch.cat(sequences), packed=packed)
+
+    def embed_videos_packed(self, videos: list[torch.Tensor]) -> TokenBatch:
+        """Clips of different lengths (each (T_i, C, H, W)) packed without padding, with a packed rolling index."""
+        embedded = [self.embed_video(clip[None]) for clip in videos]
+        sequences = [e.x[0] for e in embedded]
+        packed = PackedSeqs([len(s) for s in sequences], sequences[0].device)
+        roll = None
+        if any(e.roll is not None for e in embedded):
+            starts = packed.cu_seqlens[:-1].tolist()
+            roll = torch.cat([
+                (e.roll if e.roll is not None else torch.arange(len(s), device=s.device)) + start
+                for e, s, start in zip(embedded, sequences, starts)
+            ])
+        return TokenBatch(torch.cat(sequences), roll=roll, packed=packed)
 
     def embed_texts_packed(self, ids: torch.Tensor, mask: torch.Tensor) -> TokenBatch:
         """Padded text ids -> packed tokens of the real lengths only (linear layers skip padding)."""
@@ -280,33 +374,46 @@ class UnifiedTrunk(nn.Module):
         """Layers [0, fusion_layer): one modality alone. The output is the residual stream."""
         return self.run_layers(tokens, 0, self.fusion_layer)
 
-    def fuse(self, text: TokenBatch, vision: TokenBatch) -> TokenBatch:
+    def fusion_context(self, vision: TokenBatch) -> "FusionContext":
+        """What the fusion layers need of the vision side, computed once and reusable for many texts.
+
+        ``cross`` mode precomputes every fusion layer's vision keys/values, so ITM over hard negatives
+        or re-ranking k candidates per query never recomputes them.
+        """
+        vision = vision.to_padded()
+        if self.fusion_mode != "cross":
+            return FusionContext(vision)
+        kv = [block.attn.vision_kv(block.norm1(vision.x)) for block in self.blocks[self.fusion_layer:]]
+        return FusionContext(vision, kv)
+
+    def fuse(self, text: TokenBatch, vision: "TokenBatch | FusionContext") -> TokenBatch:
         """Layers [fusion_layer, depth) over [text ; vision]; returns final-norm tokens, text first.
 
         ``joint``: every token of [text ; vision] is updated (vision rolled for videos).
         ``cross``: only text tokens are updated, attending to [text ; unimodal vision] with the same
         shared weights (ALBEF's fusion cost: linear layers run on the short text only).
         """
-        text, vision = text.to_padded(), vision.to_padded()
+        context = vision if isinstance(vision, FusionContext) else self.fusion_context(vision)
+        text, vision = text.to_padded(), context.tokens
         if text.x.shape[0] != vision.x.shape[0]:
             raise ModelError(f"fusing {text.x.shape[0]} texts with {vision.x.shape[0]} images/videos")
         text_len = text.x.shape[1]
         mask = None
         if text.mask is not None or vision.mask is not None:
             mask = torch.cat([_ones_if_none(text.mask, text.x), _ones_if_none(vision.mask, vision.x)], dim=1)
-        if self.fusion_mode == "cross":
-            return TokenBatch(self.norm(self._cross_layers(text.x, vision.x, mask)), text.mask)
+        if context.kv is not None:
+            return TokenBatch(self.norm(self._cross_layers(text.x, context.kv, mask)), text.mask)
         x = torch.cat([text.x, vision.x], dim=1)
         roll = None if vision.roll is None else offset_index(vision.roll, text_len, text_len)
         joint = self.run_layers(TokenBatch(x, mask, roll), self.fusion_layer, self.depth)
         return replace(joint, x=self.norm(joint.x))
 
-    def _cross_layers(self, text, vision, mask):
-        for block in self.blocks[self.fusion_layer:]:
+    def _cross_layers(self, text, kv, mask):
+        for block, (k, v) in zip(self.blocks[self.fusion_layer:], kv):
             if self.grad_checkpointing and torch.is_grad_enabled():
-                text = checkpoint(block.forward_cross, text, vision, mask, use_reentrant=False)
+                text = checkpoint(block.forward_cross, text, k, v, mask, use_reentrant=False)
             else:
-                text = block.forward_cross(text, vision, mask)
+                text = block.forward_cross(text, k, v, mask)
         return text
 
     def normed(self, tokens: TokenBatch) -> TokenBatch:

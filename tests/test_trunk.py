@@ -1,0 +1,327 @@
+"""UnifiedTrunk: timm ViT oracle, packing, temporal rolling, fusion modes, tubelets, gradient checkpointing."""
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+import mmfm.layers.attention as attn_mod
+from mmfm.config import ModelConfig
+from mmfm.errors import ModelError
+from mmfm.layers.rolling import roll_index
+from mmfm.models.model import MMFM
+from mmfm.models.trunk import TokenBatch, UnifiedTrunk, cat_packed
+
+PATCH, SIZE = 8, 32
+PER_FRAME = (SIZE // PATCH) ** 2  # 16 patches, fold 2
+
+
+def small_trunk(**kwargs) -> UnifiedTrunk:
+    torch.manual_seed(0)
+    options = {"width": 64, "depth": 4, "num_heads": 2, "fusion_layer": 2, "img_size": SIZE, "patch_size": PATCH,
+               "vocab_size": 100, "context_length": 16, "max_frames": 8}
+    return UnifiedTrunk(**{**options, **kwargs}).eval()
+
+
+def randn(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def max_diff(a, b) -> float:
+    return (a - b).abs().max().item()
+
+
+# ---- timm oracle -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def timm_vit():
+    torch.manual_seed(0)
+    return timm.create_model("vit_small_patch16_224", pretrained=False).eval()
+
+
+@torch.no_grad()
+def test_forward_image_equals_timm_forward_features(timm_vit):
+    trunk = UnifiedTrunk.from_timm(timm_vit).eval()
+    x = randn(2, 3, 224, 224)
+    assert max_diff(trunk.forward_image(x), timm_vit.forward_features(x)) <= 1e-4
+
+
+@torch.no_grad()
+def test_non_224_size_equals_timm_dynamic_img_size(timm_vit):
+    dynamic = timm.create_model("vit_small_patch16_224", pretrained=False, dynamic_img_size=True).eval()
+    dynamic.load_state_dict(timm_vit.state_dict())
+    trunk = UnifiedTrunk.from_timm(timm_vit).eval()
+    x = randn(1, 3, 160, 288)
+    assert max_diff(trunk.forward_image(x), dynamic.forward_features(x)) <= 1e-4
+
+
+def test_from_timm_rejects_register_vits():
+    vit = timm.create_model("vit_small_patch16_224", pretrained=False, reg_tokens=4, depth=1)
+    with pytest.raises(ModelError, match="registers"):
+        UnifiedTrunk.from_timm(vit)
+
+
+# ---- packing -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def padded_calls(monkeypatch):
+    """Query lengths of every padded-backend call: packing must never attend over the whole pack."""
+    calls = []
+    for name, fn in list(attn_mod._PADDED.items()):
+        def spy(q, k, v, mask, causal, fn=fn):
+            calls.append(q.shape[-2])
+            return fn(q, k, v, mask, causal)
+
+        monkeypatch.setitem(attn_mod._PADDED, name, spy)
+    return calls
+
+
+def _alone(trunk, batches: list[TokenBatch]) -> torch.Tensor:
+    """Each single-sample batch through the unimodal layers alone, concatenated along tokens."""
+    return torch.cat([trunk.unimodal(b).x[0] for b in batches])
+
+
+@torch.no_grad()
+def test_packed_texts_equal_each_text_alone(padded_calls):
+    trunk = small_trunk(context_length=77)
+    lengths = torch.randint(4, 78, (24,), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, 100, (24, 77), generator=torch.Generator().manual_seed(2))
+    mask = torch.arange(77)[None] < lengths[:, None]
+    packed = trunk.unimodal(trunk.embed_texts_packed(ids, mask)).x
+    alone = _alone(trunk, [trunk.embed_text(ids[i:i + 1, :n]) for i, n in enumerate(lengths.tolist())])
+    assert max_diff(packed, alone) <= 1e-5
+    assert padded_calls and max(padded_calls) == lengths.max() < len(packed)
+
+
+@torch.no_grad()
+def test_packed_images_of_different_sizes_equal_each_alone(padded_calls):
+    trunk = small_trunk()
+    images = [randn(3, 32, 32, seed=1), randn(3, 16, 48, seed=2), randn(3, 64, 24, seed=3), randn(3, 8, 8, seed=4)]
+    packed = trunk.unimodal(trunk.embed_images_packed(images)).x
+    alone = _alone(trunk, [trunk.embed_image(img[None]) for img in images])
+    assert max_diff(packed, alone) <= 1e-5
+    assert max(padded_calls) < len(packed)
+
+
+@torch.no_grad()
+def test_packed_videos_of_different_lengths_equal_each_alone(padded_calls):
+    trunk = small_trunk()
+    videos = [randn(t, 3, SIZE, SIZE, seed=t) for t in (4, 1, 3, 4, 2)]
+    batch = trunk.embed_videos_packed(videos)
+    assert batch.roll is not None and batch.packed.lengths == [1 + t * PER_FRAME for t in (4, 1, 3, 4, 2)]
+    packed = trunk.unimodal(batch).x
+    alone = _alone(trunk, [trunk.embed_video(v[None]) for v in videos])
+    assert max_diff(packed, alone) <= 1e-5
+    assert max(padded_calls) < len(packed)
+
+
+@torch.no_grad()
+def test_packed_layers_equal_padded_layers_with_mask():
+    trunk = small_trunk()
+    ids = torch.randint(0, 100, (5, 16), generator=torch.Generator().manual_seed(0))
+    mask = torch.arange(16)[None] < torch.tensor([16, 4, 9, 1, 12])[:, None]
+    padded = trunk.unimodal(trunk.embed_text(ids, mask)).x[mask]
+    assert max_diff(trunk.unimodal(trunk.embed_texts_packed(ids, mask)).x, padded) <= 1e-5
+
+
+# ---- rolling -----------------------------------------------------------------------------------------
+
+
+def reference_roll(x: torch.Tensor, frames: int, per_frame: int) -> torch.Tensor:
+    """All-in-One rolling written with torch.roll on (B, 1 + T*N, D): fold = N // 8, +1 / -1 frame."""
+    fold = per_frame // 8
+    cls, body = x[:, :1], x[:, 1:].unflatten(1, (frames, per_frame))
+    rolled = body.clone()
+    rolled[:, :, :fold] = body[:, :, :fold].roll(1, dims=1)
+    rolled[:, :, per_frame - fold:] = body[:, :, per_frame - fold:].roll(-1, dims=1)
+    return torch.cat([cls, rolled.flatten(1, 2)], dim=1)
+
+
+@pytest.mark.parametrize("frames, per_frame", [(4, 16), (3, 196), (2, 7), (5, 64)])
+def test_roll_index_matches_torch_roll(frames, per_frame):
+    x = torch.arange(1 + frames * per_frame, dtype=torch.float)[None, :, None]
+    rolled = x[:, roll_index(frames, per_frame)]
+    assert torch.equal(rolled, reference_roll(x, frames, per_frame))
+    fold = per_frame // 8
+    assert (rolled != x).sum().item() == 2 * fold * frames
+    assert rolled[0, 0, 0] == 0, "CLS stays"
+
+
+def test_roll_moves_only_the_fold_tokens():
+    frames, per_frame = 4, 16
+    x = torch.arange(1 + frames * per_frame, dtype=torch.float)[None, :, None]
+    changed = (x[:, roll_index(frames, per_frame)] != x)[0, 1:, 0].view(frames, per_frame)
+    expected = torch.zeros(per_frame, dtype=torch.bool)
+    expected[:2] = expected[-2:] = True
+    assert torch.equal(changed, expected.expand(frames, -1))
+
+
+def test_roll_is_identity_for_one_frame():
+    assert torch.equal(roll_index(1, 196), torch.arange(197))
+    assert small_trunk().embed_video(randn(2, 1, 3, SIZE, SIZE)).roll is None
+
+
+class RollRecorder:
+    """Hooks every block: the block's input and what its first norm sees (the rolled input)."""
+
+    def __init__(self, trunk):
+        self.inputs, self.rolled = [], []
+        self.handles = []
+        for block in trunk.blocks:
+            self.handles.append(block.register_forward_pre_hook(lambda m, args: self.inputs.append(args[0])))
+            self.handles.append(block.norm1.register_forward_pre_hook(lambda m, args: self.rolled.append(args[0])))
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def test_rolling_in_every_unimodal_and_joint_layer():
+    trunk = small_trunk()
+    frames = 4
+    video = trunk.unimodal(trunk.embed_video(randn(2, frames, 3, SIZE, SIZE)))
+    text = trunk.unimodal(trunk.embed_text(torch.randint(0, 100, (2, 7)), torch.ones(2, 7, dtype=torch.bool)))
+    recorder = RollRecorder(trunk)
+    trunk.unimodal(trunk.embed_video(randn(2, frames, 3, SIZE, SIZE)))
+    trunk.fuse(text, video)
+    recorder.remove()
+    assert len(recorder.inputs) == trunk.depth
+    for layer, (x, seen) in enumerate(zip(recorder.inputs, recorder.rolled)):
+        text_len = 0 if layer < trunk.fusion_layer else 7
+        assert torch.equal(seen[:, :text_len], x[:, :text_len]), "text part must not roll"
+        assert torch.equal(seen[:, text_len:], reference_roll(x[:, text_len:], frames, PER_FRAME)), layer
+
+
+@torch.no_grad()
+def test_rolling_changes_video_features_but_not_images():
+    rolled, plain = small_trunk(), small_trunk(rolling=False)
+    clip, image = randn(1, 3, 3, SIZE, SIZE), randn(1, 3, SIZE, SIZE)
+    assert max_diff(rolled.unimodal(rolled.embed_video(clip)).x, plain.unimodal(plain.embed_video(clip)).x) > 1e-3
+    assert torch.equal(rolled.unimodal(rolled.embed_image(image)).x, plain.unimodal(plain.embed_image(image)).x)
+
+
+# ---- fusion ------------------------------------------------------------------------------------------
+
+
+def _text_and_image(trunk):
+    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(5))
+    mask = torch.arange(9)[None] < torch.tensor([9, 5])[:, None]
+    return trunk.unimodal(trunk.embed_text(ids, mask)), trunk.unimodal(trunk.embed_image(randn(2, 3, SIZE, SIZE)))
+
+
+@torch.no_grad()
+def test_cross_fusion_keeps_vision_and_differs_from_joint():
+    cross, joint = small_trunk(fusion_mode="cross"), small_trunk(fusion_mode="joint")
+    text, vision = _text_and_image(cross)
+    vision_before = vision.x.clone()
+    fused = cross.fuse(text, vision)
+    assert torch.equal(vision.x, vision_before)
+    assert fused.x.shape[1] == text.x.shape[1], "cross fusion returns (and updates) the text tokens only"
+    joint_text = joint.fuse(text, vision).x[:, : text.x.shape[1]]
+    assert max_diff(fused.x, joint_text) > 1e-4
+    other_vision = replace_x(vision, randn(*vision.x.shape, seed=9))
+    assert max_diff(cross.fuse(text, other_vision).x, fused.x) > 1e-4, "text must attend to the vision tokens"
+
+
+def replace_x(batch: TokenBatch, x: torch.Tensor) -> TokenBatch:
+    return TokenBatch(x, batch.mask, batch.roll, batch.packed)
+
+
+def _grads(trunk, checkpointing: bool, run) -> dict:
+    trunk.train().set_grad_checkpointing(checkpointing)
+    trunk.zero_grad()
+    run(trunk).pow(2).mean().backward()
+    return {name: p.grad.clone() for name, p in trunk.named_parameters() if p.grad is not None}
+
+
+def _unimodal_video(trunk):
+    return trunk.unimodal(trunk.embed_video(randn(2, 3, 3, SIZE, SIZE))).x
+
+
+def _fused(trunk):
+    return trunk.fuse(*_text_and_image(trunk)).x
+
+
+@pytest.mark.parametrize("mode, run", [("joint", _unimodal_video), ("joint", _fused), ("cross", _fused)])
+def test_gradient_checkpointing_gives_identical_gradients(mode, run):
+    trunk = small_trunk(fusion_mode=mode, drop_path_rate=0.0)
+    plain, checkpointed = _grads(trunk, False, run), _grads(trunk, True, run)
+    assert plain.keys() == checkpointed.keys() and len(plain) > 10
+    for name in plain:
+        assert max_diff(plain[name], checkpointed[name]) <= 1e-6, name
+
+
+# ---- mixed batch through the whole model -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    torch.manual_seed(0)
+    cfg = ModelConfig(width=64, depth=4, heads=2, fusion_layer=2, img_size=SIZE, patch_size=PATCH,
+                      context_length=16, max_frames=4, embed_dim=32, queue_size=64)
+    return MMFM(cfg).eval()
+
+
+@torch.no_grad()
+def test_mixed_text_image_video_batch_in_one_forward(small_model):
+    model, trunk = small_model, small_model.trunk
+    ids, mask = model.tokenizer(["a red circle", "two blue squares move left", "a green triangle"])
+    images = [randn(3, SIZE, SIZE, seed=1), randn(3, 16, 40, seed=2), randn(3, SIZE, SIZE, seed=3)]
+    videos = [randn(4, 3, SIZE, SIZE, seed=4), randn(2, 3, SIZE, SIZE, seed=5), randn(3, 3, SIZE, SIZE, seed=6)]
+    mixed = cat_packed(trunk.embed_texts_packed(ids, mask), trunk.embed_images_packed(images),
+                       trunk.embed_videos_packed(videos))
+    cls = trunk.unimodal(mixed).cls()
+    text_feat = F.normalize(model.text_proj(trunk.norm(cls[:3])), dim=-1)
+    vision_feat = F.normalize(model.vision_proj(trunk.norm(cls[3:])), dim=-1)
+    assert torch.isfinite(text_feat).all() and torch.isfinite(vision_feat).all()
+    assert max_diff(text_feat, model.encode_text(ids, mask).feat) <= 1e-5
+    assert max_diff(vision_feat[:1], model.encode_vision(images[0][None]).feat) <= 1e-5
+    assert max_diff(vision_feat[3:4], model.encode_vision(videos[0][None]).feat) <= 1e-5
+
+    text = model.encode_text(ids, mask).tokens
+    same_size = torch.stack([images[0], images[2], images[0]])
+    clips = torch.stack([videos[0], videos[0], videos[0]])
+    for vision in (model.encode_vision(same_size).tokens, model.encode_vision(clips).tokens):
+        logits = model.itm_logits(text, vision)
+        assert logits.shape == (3, 2) and torch.isfinite(logits).all()
+
+
+# ---- tubelets ----------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def test_tubelet_still_clip_embeds_like_its_image():
+    trunk = small_trunk(tubelet_size=2)
+    image = randn(1, 3, SIZE, SIZE)
+    still = image[:, None].expand(1, 5, 3, SIZE, SIZE)
+    per_frame = trunk._frame_tokens(still)
+    assert per_frame.shape[1] == 3, "first frame alone + two 2-frame tubelets"
+    image_tokens, _ = trunk._patch_tokens(image)
+    for frame in range(3):
+        assert max_diff(per_frame[:, frame], image_tokens) <= 1e-5
+
+
+@torch.no_grad()
+def test_tubelet_video_shapes_rolling_and_errors():
+    trunk = small_trunk(tubelet_size=4)
+    batch = trunk.embed_video(randn(2, 9, 3, SIZE, SIZE))
+    assert batch.x.shape == (2, 1 + 3 * PER_FRAME, 64)
+    assert torch.equal(batch.roll, roll_index(3, PER_FRAME))
+    image_like = trunk.embed_video(randn(2, 1, 3, SIZE, SIZE))
+    assert image_like.x.shape == (2, 1 + PER_FRAME, 64) and image_like.roll is None
+    with pytest.raises(ModelError, match="1 \\+ k\\*4"):
+        trunk.embed_video(randn(1, 4, 3, SIZE, SIZE))
+    packed = trunk.embed_videos_packed([randn(5, 3, SIZE, SIZE), randn(9, 3, SIZE, SIZE)])
+    assert packed.packed.lengths == [1 + 2 * PER_FRAME, 1 + 3 * PER_FRAME]
+
+
+def test_tubelet_from_timm_inflates_the_loaded_patch_embedding():
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1)
+    trunk = UnifiedTrunk.from_timm(vit, tubelet_size=2)
+    expected = vit.patch_embed.proj.weight[:, :, None] / 2
+    assert torch.equal(trunk.tubelet_embed.weight, expected.expand_as(trunk.tubelet_embed.weight))
+    assert torch.equal(trunk.tubelet_embed.bias, vit.patch_embed.proj.bias)
