@@ -166,3 +166,58 @@ def write_metrics(path: Path, metrics: dict) -> None:
     from mmfm.engine.checkpoint import atomic_write_text
 
     atomic_write_text(path, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+
+
+# ---- segmentation (task: segmentation) ------------------------------------------------------------
+
+def build_segmentation(cfg: Config, world_size: int = 1):
+    """``task: segmentation`` -> (SegmentationModel, SegmentationObjective, {"segmentation": Stream})."""
+    from mmfm.backbones.adapter import SegmentationModel
+    from mmfm.data import SegmentationDataset
+    from mmfm.objectives.segmentation import SegmentationObjective
+
+    if cfg.train.batch_size % world_size:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} does not split over {world_size} processes")
+    model = SegmentationModel(cfg.model)
+    dataset = SegmentationDataset(_path(cfg, cfg.data.segmentation), transform=_transforms(cfg, train=True),
+                                  **_dataset_kwargs(cfg))
+    stream = Stream("segmentation", dataset, cfg.train.batch_size // world_size, make_collate(None))
+    return model, SegmentationObjective(model), {"segmentation": stream}
+
+
+@torch.no_grad()
+def evaluate_segmentation(model, cfg: Config, quiet: bool = True) -> dict:
+    """``miou`` (and per-class ``iou``, None for classes absent from the split) on ``eval.segmentation``."""
+    import math
+
+    from tqdm import tqdm
+
+    from mmfm.data import SegmentationDataset
+    from mmfm.evaluation.segmentation import SegmentationMeter
+
+    model.eval()
+    device = next(model.parameters()).device
+    dataset = SegmentationDataset(_path(cfg, cfg.eval.segmentation), transform=_transforms(cfg, train=False),
+                                  **_dataset_kwargs(cfg))
+    meter = SegmentationMeter(model.cfg.num_classes)
+    for batch in tqdm(_eval_loader(dataset, cfg), desc="segmentation", disable=quiet):
+        meter.update(model(batch["image"].to(device)), batch["mask"].to(device))
+    result = meter.compute()
+    return {"miou": result["miou"], "iou": [None if math.isnan(iou) else round(iou, 4) for iou in result["iou"]]}
+
+
+def load_segmentation_model(path: str | Path):
+    """A trained segmentation model from a run directory or its model.safetensors (strict)."""
+    from safetensors.torch import load_model
+
+    from mmfm.backbones.adapter import SegmentationModel
+
+    path = Path(path)
+    file = path / "model.safetensors" if path.is_dir() else path
+    if not file.is_file():
+        raise ConfigError(f"{path}: no model.safetensors here; pass a run directory written by tools/train.py")
+    cfg = config_from_checkpoint(file)
+    kwargs = {k: v for k, v in cfg.backbone_kwargs.items() if k not in ("pretrained", "pretrained_file")}
+    model = SegmentationModel(replace(cfg, backbone_kwargs=kwargs))
+    load_model(model, str(file), strict=True)
+    return model.eval()

@@ -23,12 +23,14 @@ def main(argv=None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.k_test=32")
     args = parser.parse_args(argv)
     try:
-        from mmfm.factory import evaluate, load_checkpoint_model, write_metrics
+        from mmfm.factory import (evaluate, evaluate_segmentation, load_checkpoint_model, load_segmentation_model,
+                                  write_metrics)
 
         cfg = load_config(args.config, args.overrides)
-        model = load_checkpoint_model(args.checkpoint)
+        segmentation = cfg.task == "segmentation"
+        model = (load_segmentation_model if segmentation else load_checkpoint_model)(args.checkpoint)
         start = time.perf_counter()
-        metrics = evaluate(model, cfg, quiet=args.quiet)
+        metrics = (evaluate_segmentation if segmentation else evaluate)(model, cfg, quiet=args.quiet)
         metrics["eval_seconds"] = round(time.perf_counter() - start, 2)
         output = Path(args.output)
         output.mkdir(parents=True, exist_ok=True)

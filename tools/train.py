@@ -38,6 +38,8 @@ def run(args) -> dict:
 
     cfg = load_config(args.config, args.overrides)
     output = Path(args.output or Path("runs") / Path(args.config).stem)
+    if cfg.task == "segmentation":
+        return run_segmentation(args, cfg, output)
     streams = task_streams(cfg)
     cfg = with_answers(cfg, streams)
     accelerator = make_accelerator(cfg.train)
@@ -63,6 +65,33 @@ def run(args) -> dict:
         if not args.no_eval:
             start = time.perf_counter()
             metrics.update(evaluate(model, cfg, quiet=args.quiet))
+            metrics["eval_seconds"] = round(time.perf_counter() - start, 2)
+        write_metrics(output / "metrics.json", metrics)
+        plot_history(output)
+    accelerator.wait_for_everyone()
+    return metrics
+
+
+def run_segmentation(args, cfg, output: Path) -> dict:
+    """``task: segmentation``: a timm dense model trained by the same Trainer, evaluated with ``miou``."""
+    from mmfm.engine.trainer import Trainer, make_accelerator, plot_history
+    from mmfm.factory import build_segmentation, evaluate_segmentation, with_answers, write_metrics
+    from mmfm.models.model import save_pretrained
+
+    cfg = with_answers(cfg, {})
+    accelerator = make_accelerator(cfg.train)
+    if accelerator.is_main_process:
+        output.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, output / "config.yaml")
+    model, objective, data = build_segmentation(cfg, accelerator.num_processes)
+    trainer = Trainer(cfg.train, output, accelerator, quiet=args.quiet)
+    metrics = trainer.fit(objective, data, num_workers=cfg.data.num_workers, resume=args.resume,
+                          max_bad_fraction=cfg.data.max_bad_fraction)
+    if accelerator.is_main_process:
+        save_pretrained(model, output / "model.safetensors")
+        if not args.no_eval:
+            start = time.perf_counter()
+            metrics.update(evaluate_segmentation(accelerator.unwrap_model(model), cfg, quiet=args.quiet))
             metrics["eval_seconds"] = round(time.perf_counter() - start, 2)
         write_metrics(output / "metrics.json", metrics)
         plot_history(output)

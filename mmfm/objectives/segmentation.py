@@ -6,8 +6,8 @@
 """
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 IGNORE_INDEX = 255
 
