@@ -85,8 +85,8 @@ def _dataset_kwargs(cfg: Config) -> dict:
     return dict(root=cfg.data.root, seed=cfg.train.seed, on_error=cfg.data.on_error)
 
 
-def build_streams(cfg: Config, tokenizer, batch_size: int) -> dict[str, Stream]:
-    """One Stream per weighted task stream of the config."""
+def build_streams(cfg: Config, tokenizer, world_size: int = 1) -> dict[str, Stream]:
+    """One Stream per weighted task stream of the config, with per-process batch sizes."""
     kwargs, transform = _dataset_kwargs(cfg), _transforms(cfg, train=True)
     frames = cfg.data.num_frames
     makers = {
@@ -103,7 +103,12 @@ def build_streams(cfg: Config, tokenizer, batch_size: int) -> dict[str, Stream]:
         if name not in makers:
             raise ConfigError(f"train.tasks.{name}: this stream needs `task: segmentation` and its own model")
         keys = ("question",) if name in ("vqa", "video_qa") else ("text",)
-        streams[name] = Stream(name, makers[name](), batch_size, make_collate(tokenizer, keys), weight)
+        batch = cfg.train.batch_size
+        if name.startswith("video") and cfg.train.video_batch_size:
+            batch = cfg.train.video_batch_size
+        if batch % world_size:
+            raise ConfigError(f"the {name} batch of {batch} does not split over {world_size} processes")
+        streams[name] = Stream(name, makers[name](), batch // world_size, make_collate(tokenizer, keys), weight)
     return streams
 
 

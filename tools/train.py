@@ -43,15 +43,12 @@ def run(args) -> dict:
     streams = task_streams(cfg)
     cfg = with_answers(cfg, streams)
     accelerator = make_accelerator(cfg.train)
-    world = accelerator.num_processes
-    if cfg.train.batch_size % world:
-        raise MmfmError(f"train.batch_size={cfg.train.batch_size} must be divisible by the {world} processes")
     if accelerator.is_main_process:
         output.mkdir(parents=True, exist_ok=True)
         save_config(cfg, output / "config.yaml")
     model = build_model(cfg.model)
     model.trunk.set_grad_checkpointing(cfg.train.grad_checkpointing)
-    data = build_streams(cfg, model.tokenizer, cfg.train.batch_size // world)
+    data = build_streams(cfg, model.tokenizer, accelerator.num_processes)
     first = next(iter(data.values()))
     warmup = cfg.train.alpha_warmup_steps or max(1, len(first.dataset) // cfg.train.batch_size)
     cfg = replace(cfg, train=replace(cfg.train, alpha_warmup_steps=warmup))
