@@ -86,7 +86,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 class Trainer:
     def __init__(self, cfg: TrainConfig, output: Path, accelerator: Accelerator, quiet: bool = False):
         self.cfg, self.output, self.accelerator, self.quiet = cfg, Path(output), accelerator, quiet
-        self.history: list[dict] = []
+        self._pending: dict[str, list[float]] = {}
 
     # ---- data -------------------------------------------------------------------------------------
 
@@ -203,18 +203,23 @@ class Trainer:
         return SummaryWriter(str(self.output / "tensorboard"))
 
     def _log(self, logs: dict, state: dict, writer, bar) -> None:
+        """Progress bar every step; TensorBoard and history.jsonl get each key's mean over the interval."""
         step = state["step"]
         rate = state["samples"] / max(state["elapsed"], 1e-9)
         bar.update(1)
         losses = [v for k, v in logs.items() if k.startswith("loss/")]
         bar.set_postfix(loss=f"{sum(losses) / max(1, len(losses)):.3f}", lr=f"{logs['lr']:.2e}",
                         sps=f"{rate:.0f}")
+        for key, value in logs.items():
+            self._pending.setdefault(key, []).append(value)
         if writer is None or (step % self.cfg.log_every and step != self.cfg.max_steps):
             return
-        for key, value in logs.items():
+        means = {k: sum(v) / len(v) for k, v in self._pending.items()}
+        self._pending = {}
+        for key, value in means.items():
             writer.add_scalar(key, value, step)
         writer.add_scalar("samples_per_s", rate, step)
-        record = {"step": step, "elapsed": round(state["elapsed"], 2), **{k: round(v, 5) for k, v in logs.items()}}
+        record = {"step": step, "elapsed": round(state["elapsed"], 2), **{k: round(v, 5) for k, v in means.items()}}
         with open(self.output / "history.jsonl", "a") as handle:
             handle.write(json.dumps(record) + "\n")
 
