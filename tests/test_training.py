@@ -29,6 +29,7 @@ def _history(output):
 def test_short_run_learns_and_writes_every_artefact(tmp_path, tiny_overrides):
     out = tmp_path / "run"
     result = _train(out, tiny_overrides + ["train.max_steps=50", "train.lr=1e-3", "train.save_every=25",
+                                           "train.loss_weights.mlm=1",
                                            "train.tasks={image_text: 1.0, vqa: 0.5}",
                                            "eval.metrics=[retrieval, binding, vqa]"])
     assert result.returncode == 0, result.stderr[-3000:]
@@ -58,6 +59,7 @@ def _wait_for(path, proc, seconds=300):
 
 def test_killed_run_resumes_to_identical_weights(tmp_path, tiny_overrides):
     overrides = tiny_overrides + ["train.max_steps=24", "train.save_every=6", "train.keep_last=5",
+                                  "train.loss_weights.mlm=1",
                                   "train.tasks={image_text: 1.0, video_text: 0.5, vqa: 0.5}"]
     reference = tmp_path / "reference"
     assert _train(reference, overrides, "--no-eval").returncode == 0
