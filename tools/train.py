@@ -31,56 +31,50 @@ def parse_args(argv=None):
 
 
 def run(args) -> dict:
-    from mmfm.engine.trainer import Trainer, make_accelerator, plot_history
-    from mmfm.factory import build_model, build_streams, evaluate, task_streams, with_answers, write_metrics
-    from mmfm.models.model import save_pretrained
-    from mmfm.objectives.tasks import MultiTaskObjective
+    """Build the run's model, objective and streams for its task, then train, export and evaluate."""
+    from mmfm.engine.trainer import make_accelerator
+    from mmfm.factory import task_streams, with_answers
 
     cfg = load_config(args.config, args.overrides)
     output = Path(args.output or Path("runs") / Path(args.config).stem)
-    if cfg.task == "segmentation":
-        return run_segmentation(args, cfg, output)
-    streams = task_streams(cfg)
-    cfg = with_answers(cfg, streams)
+    segmentation = cfg.task == "segmentation"
+    cfg = with_answers(cfg, {} if segmentation else task_streams(cfg))
     accelerator = make_accelerator(cfg.train)
     if accelerator.is_main_process:
         output.mkdir(parents=True, exist_ok=True)
         save_config(cfg, output / "config.yaml")
+    build = _build_segmentation if segmentation else _build_multitask
+    cfg, model, objective, data, evaluate = build(cfg, accelerator.num_processes)
+    return _train_and_report(args, cfg, output, accelerator, model, objective, data, evaluate)
+
+
+def _build_multitask(cfg, world_size: int):
+    from mmfm.factory import build_model, build_streams, evaluate
+    from mmfm.objectives.tasks import MultiTaskObjective
+
     model = build_model(cfg.model)
     model.trunk.set_grad_checkpointing(cfg.train.grad_checkpointing)
-    data = build_streams(cfg, model.tokenizer, accelerator.num_processes)
+    data = build_streams(cfg, model.tokenizer, world_size)
     first = next(iter(data.values()))
     warmup = cfg.train.alpha_warmup_steps or max(1, len(first.dataset) // cfg.train.batch_size)
     cfg = replace(cfg, train=replace(cfg.train, alpha_warmup_steps=warmup))
     objective = MultiTaskObjective(model, cfg.train.loss_weights, list(data), warmup)
-    trainer = Trainer(cfg.train, output, accelerator, quiet=args.quiet)
-    summary = trainer.fit(objective, data, num_workers=cfg.data.num_workers, resume=args.resume,
-                          max_bad_fraction=cfg.data.max_bad_fraction)
-    metrics = dict(summary)
-    if accelerator.is_main_process:
-        save_pretrained(model, output / "model.safetensors")
-        if not args.no_eval:
-            start = time.perf_counter()
-            metrics.update(evaluate(model, cfg, quiet=args.quiet))
-            metrics["eval_seconds"] = round(time.perf_counter() - start, 2)
-        write_metrics(output / "metrics.json", metrics)
-        plot_history(output)
-    accelerator.wait_for_everyone()
-    return metrics
+    return cfg, model, objective, data, evaluate
 
 
-def run_segmentation(args, cfg, output: Path) -> dict:
+def _build_segmentation(cfg, world_size: int):
     """``task: segmentation``: a timm dense model trained by the same Trainer, evaluated with ``miou``."""
-    from mmfm.engine.trainer import Trainer, make_accelerator, plot_history
-    from mmfm.factory import build_segmentation, evaluate_segmentation, with_answers, write_metrics
+    from mmfm.factory import build_segmentation, evaluate_segmentation
+
+    model, objective, data = build_segmentation(cfg, world_size)
+    return cfg, model, objective, data, evaluate_segmentation
+
+
+def _train_and_report(args, cfg, output, accelerator, model, objective, data, evaluate) -> dict:
+    from mmfm.engine.trainer import Trainer, plot_history
+    from mmfm.factory import write_metrics
     from mmfm.models.model import save_pretrained
 
-    cfg = with_answers(cfg, {})
-    accelerator = make_accelerator(cfg.train)
-    if accelerator.is_main_process:
-        output.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, output / "config.yaml")
-    model, objective, data = build_segmentation(cfg, accelerator.num_processes)
     trainer = Trainer(cfg.train, output, accelerator, quiet=args.quiet)
     metrics = trainer.fit(objective, data, num_workers=cfg.data.num_workers, resume=args.resume,
                           max_bad_fraction=cfg.data.max_bad_fraction)
@@ -88,7 +82,7 @@ def run_segmentation(args, cfg, output: Path) -> dict:
         save_pretrained(model, output / "model.safetensors")
         if not args.no_eval:
             start = time.perf_counter()
-            metrics.update(evaluate_segmentation(accelerator.unwrap_model(model), cfg, quiet=args.quiet))
+            metrics.update(evaluate(model, cfg, quiet=args.quiet))
             metrics["eval_seconds"] = round(time.perf_counter() - start, 2)
         write_metrics(output / "metrics.json", metrics)
         plot_history(output)
