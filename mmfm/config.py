@@ -62,6 +62,8 @@ class DataConfig:
     image_size: int = 64
     num_frames: int = 8
     hflip: bool = True
+    crop_scale: list = field(default_factory=lambda: [0.5, 1.0])  # random-resized-crop area; [1, 1] = no crop
+    negative_words: list = field(default_factory=list)  # word groups for ITM caption negatives (data/negatives.py)
     mean: list = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list = field(default_factory=lambda: [0.229, 0.224, 0.225])
     num_workers: int = 2

@@ -8,10 +8,18 @@ import torch
 from torch.utils.data import DataLoader
 
 from mmfm.config import Config, ModelConfig
-from mmfm.data import (BindingDataset, ImageTextDataset, RetrievalEvalDataset, VideoQADataset,
-                       VideoRetrievalEvalDataset, VideoTextDataset, VQADataset)
+from mmfm.data import (
+    BindingDataset,
+    ImageTextDataset,
+    RetrievalEvalDataset,
+    VideoQADataset,
+    VideoRetrievalEvalDataset,
+    VideoTextDataset,
+    VQADataset,
+)
 from mmfm.data.collate import make_collate
 from mmfm.data.formats import read_json, resolve
+from mmfm.data.negatives import CaptionNegatives
 from mmfm.data.transforms import eval_transform, train_transform
 from mmfm.engine.trainer import Stream
 from mmfm.errors import ConfigError
@@ -77,7 +85,11 @@ def _init_from_checkpoint(cfg: ModelConfig) -> MMFM:
 def _transforms(cfg: Config, train: bool):
     norm = dict(mean=tuple(cfg.data.mean), std=tuple(cfg.data.std))
     if train:
-        return train_transform(cfg.data.image_size, flip=cfg.data.hflip, **norm)
+        scale = cfg.data.crop_scale
+        if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+            raise ConfigError(f"data.crop_scale={scale}: give [low, high] with 0 < low <= high <= 1 "
+                              "([1, 1] turns cropping off)")
+        return train_transform(cfg.data.image_size, scale=tuple(scale), flip=cfg.data.hflip, **norm)
     return eval_transform(cfg.data.image_size, **norm)
 
 
@@ -85,14 +97,28 @@ def _dataset_kwargs(cfg: Config) -> dict:
     return dict(root=cfg.data.root, seed=cfg.train.seed, on_error=cfg.data.on_error)
 
 
+def _caption_negatives(word_groups: list) -> CaptionNegatives | None:
+    if not word_groups:
+        return None
+    if not all(isinstance(g, list) and all(isinstance(w, str) for w in g) for g in word_groups):
+        raise ConfigError("data.negative_words must be a list of word groups, e.g. [[red, green], [circle, star]]")
+    try:
+        return CaptionNegatives(word_groups)
+    except ValueError as err:
+        raise ConfigError(f"data.negative_words: {err}") from None
+
+
 def build_streams(cfg: Config, tokenizer, world_size: int = 1) -> dict[str, Stream]:
     """One Stream per weighted task stream of the config, with per-process batch sizes."""
     kwargs, transform = _dataset_kwargs(cfg), _transforms(cfg, train=True)
     frames = cfg.data.num_frames
+    negatives = _caption_negatives(cfg.data.negative_words)
     makers = {
-        "image_text": lambda: ImageTextDataset(_path(cfg, cfg.data.image_text), transform=transform, **kwargs),
+        "image_text": lambda: ImageTextDataset(_path(cfg, cfg.data.image_text), transform=transform,
+                                               negatives=negatives, **kwargs),
         "video_text": lambda: VideoTextDataset(_path(cfg, cfg.data.video_text), num_frames=frames,
-                                               transform=transform, sampling="random", **kwargs),
+                                               transform=transform, sampling="random", negatives=negatives,
+                                               **kwargs),
         "vqa": lambda: VQADataset(_path(cfg, cfg.data.vqa), transform=transform,
                                   answer_list=cfg.model.answers["vqa"], **kwargs),
         "video_qa": lambda: VideoQADataset(_path(cfg, cfg.data.video_qa), num_frames=frames, transform=transform,
@@ -102,7 +128,7 @@ def build_streams(cfg: Config, tokenizer, world_size: int = 1) -> dict[str, Stre
     for name, weight in task_streams(cfg).items():
         if name not in makers:
             raise ConfigError(f"train.tasks.{name}: this stream needs `task: segmentation` and its own model")
-        keys = ("question",) if name in ("vqa", "video_qa") else ("text",)
+        keys = ("question",) if name in ("vqa", "video_qa") else ("text", "negative_text")
         batch = cfg.train.batch_size
         if name.startswith("video") and cfg.train.video_batch_size:
             batch = cfg.train.video_batch_size
@@ -149,12 +175,18 @@ def evaluate(model: MMFM, cfg: Config, quiet: bool = True) -> dict:
     if "video_retrieval" in wanted and (path := _maybe(cfg, cfg.eval.video_retrieval)):
         ds = VideoRetrievalEvalDataset(path, num_frames=frames, transform=transform, **kwargs)
         video = evaluate_retrieval(model, _eval_loader(ds, cfg), ds, "video", k_test, quiet)
-        metrics.update({("vid_" + k if k.startswith(("txt", "r_mean")) else k): v for k, v in video.items()})
+        metrics.update({_video_key(k): v for k, v in video.items()})
     if "video_qa" in wanted and "video_qa" in model.cfg.answers and (path := _maybe(cfg, cfg.eval.video_qa)):
         ds = VideoQADataset(path, num_frames=frames, transform=transform,
                             answer_list=model.cfg.answers["video_qa"], **kwargs)
         metrics.update(evaluate_vqa(model, _eval_loader(ds, cfg), "video_qa", "videoqa"))
     return metrics
+
+
+def _video_key(name: str) -> str:
+    """Video retrieval's text-side keys get a vid_ prefix: txt_r1 -> vid_txt_r1, itc_txt_r1 -> itc_vid_txt_r1."""
+    itc, base = ("itc_", name[4:]) if name.startswith("itc_") else ("", name)
+    return itc + ("vid_" + base if base.startswith(("txt", "r_mean")) else base)
 
 
 def load_checkpoint_model(path: str | Path) -> MMFM:

@@ -30,3 +30,14 @@ def test_wrong_types_and_values_are_rejected(tmp_path):
         load_config(tmp_path / "missing.yaml")
     with pytest.raises(ConfigError, match="task"):
         load_config(None, ["task=pretrian"])
+
+
+def test_bad_crop_scale_and_negative_words_name_their_key():
+    from mmfm.factory import _caption_negatives, _transforms
+
+    with pytest.raises(ConfigError, match=r"data\.crop_scale"):
+        _transforms(load_config(None, ["data.crop_scale=[0.9, 0.5]"]), train=True)
+    with pytest.raises(ConfigError, match=r"data\.negative_words"):
+        _caption_negatives(["red", "green"])
+    with pytest.raises(ConfigError, match=r"data\.negative_words.*two words"):
+        _caption_negatives([["red"]])

@@ -128,3 +128,13 @@ def test_pixel_limit_is_configurable(tmp_path, write_png):
     assert load_image(path, max_pixels=4096).size == (64, 64)
     with pytest.raises(UnreadableFile, match="decompression bomb"):
         load_image(path, max_pixels=4095)
+
+
+def test_crop_scale_one_keeps_the_whole_image_and_only_flips():
+    gradient = np.tile(np.arange(64, dtype=np.uint8)[None, :, None] * 4, (64, 1, 3))
+    img = Image.fromarray(gradient)
+    whole = eval_transform(64, mean=(0, 0, 0), std=(1, 1, 1))(img)
+    no_crop = train_transform(64, scale=(1.0, 1.0), flip=True, mean=(0, 0, 0), std=(1, 1, 1))
+    outputs = [no_crop(img, np.random.default_rng(seed)) for seed in range(8)]
+    assert all(torch.equal(o, whole) or torch.equal(o, whole.flip(-1)) for o in outputs)
+    assert any(torch.equal(o, whole.flip(-1)) for o in outputs) and any(torch.equal(o, whole) for o in outputs)

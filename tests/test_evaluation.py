@@ -51,3 +51,11 @@ def test_summarize_breaks_down_by_question_type():
     out = summarize([("count", 1.0), ("count", 0.0), ("color", 1.0)], "vqa")
     assert out["vqa_acc"] == round(100 * 2 / 3, 2)
     assert out["vqa_acc/count"] == 50.0 and out["vqa_acc/color"] == 100.0
+
+
+def test_video_retrieval_keys_never_overwrite_image_keys():
+    from mmfm.factory import _video_key
+
+    renamed = {k: _video_key(k) for k in ("txt_r1", "vid_r1", "r_mean", "itc_txt_r1", "itc_vid_r1", "itc_r_mean")}
+    assert renamed == {"txt_r1": "vid_txt_r1", "vid_r1": "vid_r1", "r_mean": "vid_r_mean",
+                       "itc_txt_r1": "itc_vid_txt_r1", "itc_vid_r1": "itc_vid_r1", "itc_r_mean": "itc_vid_r_mean"}

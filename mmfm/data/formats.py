@@ -332,20 +332,26 @@ class ImageTextDataset(AnnotationDataset):
     """Pretrain / retrieval-train pairs ``{"image", "caption", "image_id"}`` → image, text, image_id, index.
 
     A caption list yields one random caption per draw. image_id values (any hashable) are mapped to
-    contiguous ints (same image → same id, as ITM negative masking needs).
+    contiguous ints (same image → same id, as ITM negative masking needs). With ``negatives`` (a
+    ``CaptionNegatives``) a sample also carries ``negative_text`` ("" when the caption has none) and
+    ``has_negative``.
     """
 
     required_keys = ("caption",)
 
-    def __init__(self, ann_file, root=None, transform=None, **kwargs):
+    def __init__(self, ann_file, root=None, transform=None, negatives=None, **kwargs):
         super().__init__(ann_file, root, transform, **kwargs)
         self.image_ids = contiguous_ids([e.get(f"{self.media_key}_id", e[self.media_key]) for e in self.entries])
+        self.negatives = negatives
 
     def load(self, index, rng):
         media, flipped = self.load_media(index, rng)
-        text = _choose(captions_of(self.entries[index]), rng)
-        return {self.media_key: media, "text": _maybe_swap(text, flipped),
-                f"{self.media_key}_id": self.image_ids[index], "index": index}
+        text = _maybe_swap(_choose(captions_of(self.entries[index]), rng), flipped)
+        sample = {self.media_key: media, "text": text, f"{self.media_key}_id": self.image_ids[index], "index": index}
+        if self.negatives is not None:
+            negative = self.negatives(text, rng)
+            sample["negative_text"], sample["has_negative"] = negative or "", negative is not None
+        return sample
 
 
 class RetrievalEvalDataset(AnnotationDataset):

@@ -196,7 +196,7 @@ class ImageTransform:
         """Draw the geometry for a (width, height) source; only train mode consumes randomness."""
         if self.native_aspect:
             box, size = (0, 0, width, height), native_size(width, height, self.max_size, self.patch)
-        elif self.train:
+        elif self.train and self.scale != (1.0, 1.0):
             box, size = random_resized_box(width, height, self.scale, rng), (self.size, self.size)
         else:
             box, size = center_box(width, height), (self.size, self.size)

@@ -112,7 +112,12 @@ def evaluate_retrieval(model, loader, dataset, key: str = "image", k_test: int =
     text, text_feat = encode_texts(model, dataset.texts)
     v2t, t2v = rerank_scores(model, vision, vision_feat, text, text_feat, k_test, quiet)
     prefix = "vid" if key == "video" else "img"
-    return recall_metrics(v2t, t2v, dataset.txt2img, dataset.img2txt, prefix)
+    metrics = recall_metrics(v2t, t2v, dataset.txt2img, dataset.img2txt, prefix)
+    if model.cfg.fusion_layer < model.cfg.depth:
+        sim = (vision_feat @ text_feat.t()).float().cpu().numpy()
+        itc = recall_metrics(sim, sim.T, dataset.txt2img, dataset.img2txt, prefix)
+        metrics.update({f"itc_{name}": itc[name] for name in (f"{prefix}_r1", "txt_r1", "r_mean")})
+    return metrics
 
 
 def _pair_scores(model, vision, text):

@@ -223,9 +223,11 @@ class UnifiedTrunk(nn.Module):
         trunc_normal_(self.temporal_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)
         nn.init.normal_(self.token_embed.weight, std=0.02)
+        # Xavier (timm's "jax" scheme), not trunc_normal(0.02): at narrow widths 0.02 is several times
+        # below the fan-in scale and short from-scratch runs learn about half as fast.
         for module in self.blocks.modules():
             if isinstance(module, nn.Linear):
-                trunc_normal_(module.weight, std=0.02)
+                nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
         self.inflate_tubelet_embed()
 

@@ -2,6 +2,8 @@
 
 For every text one negative image is drawn from softmax(text->image similarity) with same-id pairs
 masked out, and likewise for every image; the fusion layers classify the 3B pairs match / no match.
+Caption negatives (``mmfm.data.negatives``: the caption with its attributes re-bound) add one more
+no-match pair per image that has one.
 """
 
 import torch
@@ -32,17 +34,26 @@ def _select(tokens: TokenBatch, index: torch.Tensor) -> TokenBatch:
 
 
 def itm_loss(model, text: TokenBatch, vision: FusionContext, sim_t2v: torch.Tensor, sim_v2t: torch.Tensor,
-             ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+             ids: torch.Tensor, caption_negatives: tuple[TokenBatch, torch.Tensor] | None = None,
+             ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (loss, accuracy) over positives, (text, hard-negative vision) and (hard-negative text, vision).
 
     ``vision`` is the batch's fusion context (computed once), ``sim_*`` the local in-batch similarities,
-    ``ids`` the pair ids.
+    ``ids`` the pair ids; ``caption_negatives`` = (negative caption tokens padded like ``text``, the row
+    of the image each one negates).
     """
     neg_vision = sample_hard_negatives(sim_t2v, ids, ids)
     neg_text = sample_hard_negatives(sim_v2t, ids, ids)
     arange = torch.arange(len(ids), device=ids.device)
     text_all = _select(text, torch.cat([arange, arange, neg_text]))
-    vision_all = vision.select(torch.cat([arange, neg_vision, arange]))
-    labels = torch.cat([torch.ones_like(ids), (ids == ids[neg_vision]).long(), (ids[neg_text] == ids).long()])
+    vision_rows = [arange, neg_vision, arange]
+    labels = [torch.ones_like(ids), (ids == ids[neg_vision]).long(), (ids[neg_text] == ids).long()]
+    if caption_negatives is not None:
+        negatives, rows = caption_negatives
+        text_all = TokenBatch(torch.cat([text_all.x, negatives.x]), torch.cat([text_all.mask, negatives.mask]))
+        vision_rows.append(rows)
+        labels.append(torch.zeros_like(rows))
+    vision_all = vision.select(torch.cat(vision_rows))
+    labels = torch.cat(labels)
     logits = model.itm_logits(text_all, vision_all)
     return F.cross_entropy(logits, labels), (logits.argmax(1) == labels).float().mean()

@@ -7,7 +7,9 @@ classification). The engine sees only this nn.Module and the dict of losses it r
 import torch
 import torch.nn as nn
 
+from mmfm.models.model import Encoded
 from mmfm.models.momentum import MomentumModel
+from mmfm.models.trunk import TokenBatch
 from mmfm.objectives.distributed import gather_no_grad, gather_with_grad
 from mmfm.objectives.itc import FeatureQueue, itc_loss, positive_targets
 from mmfm.objectives.itm import itm_loss
@@ -16,6 +18,11 @@ from mmfm.objectives.vqa import vqa_loss
 
 ALIGN_STREAMS = ("image_text", "video_text")
 ANSWER_STREAMS = ("vqa", "video_qa")
+
+
+def _pad(tensor: torch.Tensor, length: int, value) -> torch.Tensor:
+    """(B, L) -> (B, length), right-padded with ``value``."""
+    return torch.nn.functional.pad(tensor, (0, length - tensor.shape[1]), value=value)
 
 
 class MultiTaskObjective(nn.Module):
@@ -61,17 +68,34 @@ class MultiTaskObjective(nn.Module):
         alpha = self.current_alpha()
         with torch.no_grad():
             model.temp.clamp_(0.001, 0.5)
-        vision, text = model.encode_vision(pixels), model.encode_text(ids, mask)
+        vision = model.encode_vision(pixels)
+        text, negatives = self._texts(batch)
         momentum = self._momentum_features(pixels, ids, mask)
         losses = {"itc": self._itc(stream, vision.feat, text.feat, momentum, pair_ids, alpha)}
         if self.has_fusion:
             context = model.fusion_context(vision.tokens)
             sim_t2v = (text.feat @ vision.feat.t() / model.temp).detach()
-            losses["itm"], losses["itm_acc"] = itm_loss(model, text.tokens, context, sim_t2v, sim_t2v.t(), pair_ids)
+            losses["itm"], losses["itm_acc"] = itm_loss(model, text.tokens, context, sim_t2v, sim_t2v.t(), pair_ids,
+                                                        negatives)
             if self.loss_weights["mlm"] > 0:
                 losses["mlm"] = self._mlm(ids, mask, context, momentum, alpha)
         losses["loss"] = sum(self.loss_weights[k] * losses[k] for k in ("itc", "itm", "mlm") if k in losses)
         return losses
+
+    def _texts(self, batch: dict) -> tuple[Encoded, tuple[TokenBatch, torch.Tensor] | None]:
+        """The captions encoded, plus the caption negatives (tokens, image rows) in the same forward."""
+        ids, mask = batch["text_ids"], batch["text_mask"]
+        if not self.has_fusion or "has_negative" not in batch or not batch["has_negative"].any():
+            return self.model.encode_text(ids, mask), None
+        rows = batch["has_negative"].nonzero().squeeze(1)
+        neg_ids, neg_mask = batch["negative_text_ids"][rows], batch["negative_text_mask"][rows]
+        length = max(ids.shape[1], neg_ids.shape[1])
+        pad = self.model.tokenizer.pad_id
+        both = self.model.encode_text(torch.cat([_pad(ids, length, pad), _pad(neg_ids, length, pad)]),
+                                      torch.cat([_pad(mask, length, False), _pad(neg_mask, length, False)]))
+        count, x, full_mask = len(ids), both.tokens.x, both.tokens.mask
+        text = Encoded(TokenBatch(x[:count], full_mask[:count]), both.feat[:count])
+        return text, (TokenBatch(x[count:], full_mask[count:]), rows)
 
     def _momentum_features(self, pixels, ids, mask):
         if self.momentum is None:
