@@ -254,6 +254,25 @@ def test_gradient_checkpointing_gives_identical_gradients(mode, run):
         assert max_diff(plain[name], checkpointed[name]) <= 1e-6, name
 
 
+
+@pytest.mark.parametrize("mode, run", [("joint", _unimodal_video), ("joint", _fused), ("cross", _fused)])
+def test_key_bias_is_inert_and_gets_no_gradient(mode, run):
+    trunk = small_trunk(fusion_mode=mode, drop_path_rate=0.0)
+    width = trunk.blocks[0].attn.qkv.weight.shape[1]
+    grads = _grads(trunk, False, run)
+    for i, block in enumerate(trunk.blocks):
+        grad = grads.get(f"blocks.{i}.attn.qkv.bias")
+        if grad is not None:
+            assert grad[width:2 * width].abs().max() == 0, i
+            assert grad[:width].abs().max() > 0 and grad[2 * width:].abs().max() > 0, i
+    trunk.eval()
+    with torch.no_grad():
+        before = run(trunk)
+        for block in trunk.blocks:
+            block.attn.qkv.bias[width:2 * width] = 5.0
+        assert torch.equal(run(trunk), before), "a key bias must not change attention (softmax cancels it)"
+
+
 # ---- mixed batch through the whole model -------------------------------------------------------------
 
 

@@ -108,12 +108,18 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
+        # A key bias adds the same q.b_k to every logit of a row, so softmax cancels it and its gradient
+        # is float noise that Adam scales up to lr-sized steps (it made resumed runs drift). The slice
+        # stays in ``qkv.bias`` for timm's layout but is multiplied by zero.
+        self.register_buffer("bias_mask", torch.tensor([1.0, 0.0, 1.0]).repeat_interleave(dim), persistent=False)
+
+    def _bias(self, rows: slice = slice(None)) -> torch.Tensor | None:
+        return None if self.qkv.bias is None else (self.qkv.bias * self.bias_mask)[rows]
 
     def vision_kv(self, vision: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values (B, H, L, Dh) of normed vision tokens, the cross-fusion context of one layer."""
         batch, length, dim = vision.shape
-        bias = None if self.qkv.bias is None else self.qkv.bias[dim:]
-        kv = F.linear(vision, self.qkv.weight[dim:], bias)
+        kv = F.linear(vision, self.qkv.weight[dim:], self._bias(slice(dim, None)))
         k, v = kv.view(batch, length, 2, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
         return k, v
 
@@ -121,13 +127,13 @@ class Attention(nn.Module):
         """Text queries over [text ; vision] keys/values; vision is context only (not updated)."""
         batch, length, dim = text.shape
         head_dim = dim // self.num_heads
-        q, k_text, v_text = self.qkv(text).view(batch, length, 3, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
+        q, k_text, v_text = F.linear(text, self.qkv.weight, self._bias()).view(batch, length, 3, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
         out = attention(q, torch.cat([k_text, k_vision], 2), torch.cat([v_text, v_vision], 2), mask=mask)
         return self.proj(out.transpose(1, 2).reshape(batch, length, dim))
 
     def forward(self, x, mask=None, packed=None):
         head_dim = x.shape[-1] // self.num_heads
-        qkv = self.qkv(x)
+        qkv = F.linear(x, self.qkv.weight, self._bias())
         if packed is not None:
             q, k, v = qkv.view(x.shape[0], 3, self.num_heads, head_dim).unbind(1)
             out = packed_attention(q, k, v, packed).reshape(x.shape)
