@@ -344,3 +344,16 @@ def test_tubelet_from_timm_inflates_the_loaded_patch_embedding():
     expected = vit.patch_embed.proj.weight[:, :, None] / 2
     assert torch.equal(trunk.tubelet_embed.weight, expected.expand_as(trunk.tubelet_embed.weight))
     assert torch.equal(trunk.tubelet_embed.bias, vit.patch_embed.proj.bias)
+
+
+@pytest.mark.parametrize("bigram", [True, False])
+def test_text_token_sees_the_previous_word_only_with_text_bigram(bigram):
+    trunk = small_trunk(text_bigram=bigram)
+    ids = torch.tensor([[1, 5, 6, 7, 8]])
+    changed = ids.clone()
+    changed[0, 2] = 9
+    with torch.no_grad():
+        before, after = trunk.embed_text(ids).x, trunk.embed_text(changed).x
+    moved = (before - after).abs().amax(-1)[0]
+    assert moved[2] > 0 and moved[:2].max() == 0 and moved[4] == 0, "only the word and its successor may move"
+    assert (moved[3] > 0) == bigram
