@@ -35,11 +35,14 @@ class ModelConfig:
     embed_dim: int = 128             # ITC projection size
     drop_path: float = 0.0
     rolling: bool = True             # temporal token rolling for videos, unimodal and joint passes
+    text_bigram: bool = True         # add a projection of the previous word to each text token (word order)
     init: str = ""                   # "", "timm:<vit name>" (ImageNet ViT weights), or an mmfm checkpoint
     attention_backend: str = "auto"  # auto | xformers | sdpa | math
     backbone: str = ""               # a timm model name that replaces the patch embedding
     backbone_kwargs: dict = field(default_factory=dict)
     temp: float = 0.07
+    itm_pair_features: bool = False  # ITM also reads the product of the pair's ITC features (models/model.py)
+    answer_pair_features: bool = False  # answer heads also read question [CLS] * image [CLS] (MLB pooling)
     momentum: float = 0.995
     queue_size: int = 4096
     alpha: float = 0.4
@@ -64,6 +67,7 @@ class DataConfig:
     hflip: bool = True
     crop_scale: list = field(default_factory=lambda: [0.5, 1.0])  # random-resized-crop area; [1, 1] = no crop
     negative_words: list = field(default_factory=list)  # word groups for ITM caption negatives (data/negatives.py)
+    qa_with_captions: bool = False   # image/video-text samples also carry one of their questions (data.vqa, ...)
     mean: list = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list = field(default_factory=lambda: [0.229, 0.224, 0.225])
     num_workers: int = 2

@@ -11,6 +11,7 @@ from mmfm.config import Config, ModelConfig
 from mmfm.data import (
     BindingDataset,
     ImageTextDataset,
+    QuestionBank,
     RetrievalEvalDataset,
     VideoQADataset,
     VideoRetrievalEvalDataset,
@@ -24,6 +25,7 @@ from mmfm.data.transforms import eval_transform, train_transform
 from mmfm.engine.trainer import Stream
 from mmfm.errors import ConfigError
 from mmfm.models.model import MMFM, config_from_checkpoint, load_pretrained
+from mmfm.objectives.tasks import ANSWER_HEAD_OF
 
 DEFAULT_STREAMS = {
     "pretrain": {"image_text": 1.0, "video_text": 1.0},
@@ -49,12 +51,21 @@ def _path(cfg: Config, relative: str) -> str:
     return path
 
 
+def answer_heads(cfg: Config, streams) -> set[str]:
+    """The answer heads a run trains: its answer streams, plus those fed by ``data.qa_with_captions``."""
+    heads = {s for s in streams if s in ANSWER_HEAD_OF.values()}
+    if cfg.data.qa_with_captions:
+        heads |= {ANSWER_HEAD_OF[s] for s in streams if s in ANSWER_HEAD_OF}
+    return heads
+
+
 def with_answers(cfg: Config, streams) -> Config:
     """Fill model.answers from the answer streams' lists and model.preprocess from the data block."""
     answers = dict(cfg.model.answers)
-    if "vqa" in streams and "vqa" not in answers:
+    heads = answer_heads(cfg, streams)
+    if "vqa" in heads and "vqa" not in answers:
         answers["vqa"] = read_json(_path(cfg, cfg.data.answer_list))
-    if "video_qa" in streams and "video_qa" not in answers:
+    if "video_qa" in heads and "video_qa" not in answers:
         answers["video_qa"] = read_json(_path(cfg, cfg.data.video_answer_list))
     preprocess = {"image_size": cfg.data.image_size, "mean": list(cfg.data.mean), "std": list(cfg.data.std),
                   "num_frames": cfg.data.num_frames}
@@ -113,22 +124,29 @@ def build_streams(cfg: Config, tokenizer, world_size: int = 1) -> dict[str, Stre
     kwargs, transform = _dataset_kwargs(cfg), _transforms(cfg, train=True)
     frames = cfg.data.num_frames
     negatives = _caption_negatives(cfg.data.negative_words)
-    makers = {
-        "image_text": lambda: ImageTextDataset(_path(cfg, cfg.data.image_text), transform=transform,
-                                               negatives=negatives, **kwargs),
-        "video_text": lambda: VideoTextDataset(_path(cfg, cfg.data.video_text), num_frames=frames,
-                                               transform=transform, sampling="random", negatives=negatives,
-                                               **kwargs),
+    answer_sets = {
         "vqa": lambda: VQADataset(_path(cfg, cfg.data.vqa), transform=transform,
                                   answer_list=cfg.model.answers["vqa"], **kwargs),
         "video_qa": lambda: VideoQADataset(_path(cfg, cfg.data.video_qa), num_frames=frames, transform=transform,
                                            answer_list=cfg.model.answers["video_qa"], **kwargs),
     }
+
+    def questions(stream: str) -> QuestionBank | None:
+        return QuestionBank(answer_sets[ANSWER_HEAD_OF[stream]]()) if cfg.data.qa_with_captions else None
+
+    makers = {
+        **answer_sets,
+        "image_text": lambda: ImageTextDataset(_path(cfg, cfg.data.image_text), transform=transform,
+                                               negatives=negatives, questions=questions("image_text"), **kwargs),
+        "video_text": lambda: VideoTextDataset(_path(cfg, cfg.data.video_text), num_frames=frames,
+                                               transform=transform, sampling="random", negatives=negatives,
+                                               questions=questions("video_text"), **kwargs),
+    }
     streams = {}
     for name, weight in task_streams(cfg).items():
         if name not in makers:
             raise ConfigError(f"train.tasks.{name}: this stream needs `task: segmentation` and its own model")
-        keys = ("question",) if name in ("vqa", "video_qa") else ("text", "negative_text")
+        keys = ("question",) if name in ("vqa", "video_qa") else ("text", "negative_text", "question")
         batch = cfg.train.batch_size
         if name.startswith("video") and cfg.train.video_batch_size:
             batch = cfg.train.video_batch_size

@@ -7,6 +7,7 @@ import torch
 from mmfm.data import (
     BindingDataset,
     ImageTextDataset,
+    QuestionBank,
     RetrievalEvalDataset,
     SegmentationDataset,
     VQADataset,
@@ -14,6 +15,7 @@ from mmfm.data import (
     load_msrvtt,
     load_vqav2,
     normalize_answer,
+    train_transform,
     vqa_soft_scores,
 )
 from mmfm.errors import DataError
@@ -84,6 +86,40 @@ def test_vqa_dataset_target_and_fields(tmp_path, images, write_json):
     assert first["answers"] == ["two", "2", "Two", "3"] and second["question_type"] == ""
 
 
+def test_image_text_samples_carry_a_question_of_their_own_image(tmp_path, write_png, write_json):
+    (tmp_path / "img").mkdir()
+    left_red = np.zeros((SIZE, SIZE, 3), np.uint8)
+    left_red[:, : SIZE // 2, 0] = 255
+    write_png(tmp_path / "img" / "0.png", left_red)
+    write_png(tmp_path / "img" / "1.png", color=(0, 0, 255))
+    answer_list = ["yes", "no", "left", "right", "blue"]
+    vqa = VQADataset(write_json(tmp_path / "vqa.json", [
+        {"question_id": 1, "question": "is the red half on the left?", "answer": ["yes"] * 3, "image": "img/0.png"},
+        {"question_id": 2, "question": "which side is red?", "answer": ["left"] * 3, "image": "img/0.png"},
+        {"question_id": 3, "question": "what color?", "answer": ["blue"] * 3, "image": "img/1.png"}]),
+        root=tmp_path, answer_list=answer_list)
+    pairs = write_json(tmp_path / "pairs.json", [
+        {"image": "img/0.png", "caption": "red on the left", "image_id": 0},
+        {"image": "img/1.png", "caption": "all blue", "image_id": 1},
+        {"image": "img/2.png", "caption": "no questions", "image_id": 2}])
+    write_png(tmp_path / "img" / "2.png", color=(0, 255, 0))
+    ds = ImageTextDataset(pairs, root=tmp_path, transform=train_transform(SIZE, scale=(1, 1), flip=True),
+                          questions=QuestionBank(vqa))
+    asked = set()
+    for g in range(0, 60, 3):
+        sample = ds[g]
+        side = "right" if sample["image"][0, :, -1].mean() > sample["image"][0, :, 0].mean() else "left"
+        expected = {f"is the red half on the {side}?": "yes", "which side is red?": side}
+        assert sample["has_question"] and sample["text"] == f"red on the {side}"
+        assert sample["target"].max() == 1.0
+        assert answer_list[int(sample["target"].argmax())] == expected[sample["question"]]
+        asked.add((sample["question"], side))
+    assert len(asked) == 4, "both questions, flipped and not, are drawn"
+    assert ds[1]["question"] == "what color?" and answer_list[int(ds[1]["target"].argmax())] == "blue"
+    lonely = ds[2]
+    assert (lonely["question"], lonely["has_question"], float(lonely["target"].sum())) == ("", False, 0.0)
+
+
 def test_segmentation_dataset_same_geometry_on_image_and_mask(tmp_path, write_png, write_json):
     rgb = np.zeros((20, 40, 3), np.uint8)
     rgb[:, 20:] = 255
@@ -93,7 +129,6 @@ def test_segmentation_dataset_same_geometry_on_image_and_mask(tmp_path, write_pn
     write_png(tmp_path / "im.png", rgb)
     write_png(tmp_path / "m.png", mask)
     ann = write_json(tmp_path / "seg.json", [{"image": "im.png", "mask": "m.png"}])
-    from mmfm.data import train_transform
     ds = SegmentationDataset(ann, root=tmp_path, transform=train_transform(SIZE, scale=(0.9, 1.0)))
     for g in range(6):
         item = ds[g]

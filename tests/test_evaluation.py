@@ -59,3 +59,40 @@ def test_video_retrieval_keys_never_overwrite_image_keys():
     renamed = {k: _video_key(k) for k in ("txt_r1", "vid_r1", "r_mean", "itc_txt_r1", "itc_vid_r1", "itc_r_mean")}
     assert renamed == {"txt_r1": "vid_txt_r1", "vid_r1": "vid_r1", "r_mean": "vid_r_mean",
                        "itc_txt_r1": "itc_vid_txt_r1", "itc_vid_r1": "itc_vid_r1", "itc_r_mean": "itc_vid_r_mean"}
+
+
+def test_binding_uses_itm_with_fusion_layers_and_reports_itc_beside_it():
+    from types import SimpleNamespace
+
+    import torch
+
+    from mmfm.evaluation.retrieval import evaluate_binding
+
+    class ColourWordModel:
+        """ITC prefers captions that start with "red"; ITM prefers captions that mention "true"."""
+
+        def __init__(self, fusion_layer):
+            self.cfg = SimpleNamespace(fusion_layer=fusion_layer, depth=2)
+            self.weight = torch.zeros(1)
+
+        def parameters(self):
+            return iter([self.weight])
+
+        def tokenizer(self, texts):
+            ids = torch.tensor([[t.startswith("red"), "true" in t] for t in texts], dtype=torch.float)
+            return ids, ids.bool()
+
+        def encode_vision(self, pixels):
+            return SimpleNamespace(feat=torch.ones(len(pixels), 1), tokens=None)
+
+        def encode_text(self, ids, mask):
+            return SimpleNamespace(feat=ids[:, :1], tokens=ids[:, 1:])
+
+        def itm_logits(self, text_tokens, vision_tokens):
+            return torch.cat([torch.zeros_like(text_tokens), text_tokens], 1)
+
+    batch = {"image": torch.zeros(4, 3, 2, 2), "caption": ["red true", "red true", "blue true", "blue x"],
+             "swapped": ["blue x", "red x", "red x", "red true"]}
+    fused = evaluate_binding(ColourWordModel(fusion_layer=1), [batch])
+    assert fused == {"binding_acc": 75.0, "itc_binding_acc": 25.0}
+    assert evaluate_binding(ColourWordModel(fusion_layer=2), [batch]) == {"binding_acc": 25.0}

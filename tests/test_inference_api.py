@@ -85,7 +85,9 @@ def test_save_load_round_trip_gives_same_results(tiny_pipe, image_index, gallery
     for caption in gallery[1][:3]:
         before = image_index.search(text=caption, k=5, rerank=5)
         after = tiny_pipe.search(Index.load(tmp_path / "idx"), text=caption, k=5, rerank=5)
-        assert [(h.id, h.score) for h in before] == [(h.id, h.score) for h in after]
+        assert [h.id for h in before] == [h.id for h in after]
+        # equal up to float rounding: a BLAS call on other memory may differ in the last bit
+        assert [h.score for h in before] == pytest.approx([h.score for h in after], abs=1e-6)
 
 
 def test_index_bound_to_another_model_is_refused(image_index, tmp_path):

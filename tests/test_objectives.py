@@ -25,6 +25,20 @@ def test_itc_without_queue_and_momentum_is_clip_infonce():
     assert torch.allclose(ours, clip, atol=1e-6)
 
 
+def test_itc_caption_negatives_are_extra_vision_to_text_columns_without_target_mass():
+    vision, text, negatives = _features(6, 16, 0), _features(6, 16, 1), _features(3, 16, 2)
+    temp = torch.tensor(0.07)
+    ours = itc_loss(vision, text, vision, text, temp, positive_targets(torch.arange(6), torch.arange(6)),
+                    text_negatives=negatives)
+    labels = torch.arange(6)
+    v2t = F.cross_entropy(vision @ torch.cat([text, negatives]).t() / temp, labels)
+    t2v = F.cross_entropy(text @ vision.t() / temp, labels)
+    assert torch.allclose(ours, (v2t + t2v) / 2, atol=1e-6)
+    twin = itc_loss(vision, text, vision, text, temp, positive_targets(labels, labels), text_negatives=text[:1])
+    plain = itc_loss(vision, text, vision, text, temp, positive_targets(labels, labels))
+    assert twin > plain, "a negative equal to a positive caption must raise the loss"
+
+
 def test_itc_same_id_pairs_share_the_target_mass():
     ids = torch.tensor([0, 0, 1])
     targets = positive_targets(ids, torch.tensor([0, 0, 1, 1]))
@@ -107,3 +121,73 @@ def test_vqa_loss_is_scaled_bce():
     logits, target = torch.randn(4, 6), torch.rand(4, 6)
     expected = F.binary_cross_entropy_with_logits(logits, target) * 6
     assert torch.allclose(vqa_loss(logits, target), expected)
+
+
+def test_itm_pair_features_start_at_plain_itm_and_do_not_train_itc():
+    from mmfm.config import ModelConfig
+    from mmfm.models.model import MMFM
+
+    torch.manual_seed(0)
+    model = MMFM(ModelConfig(width=64, depth=2, heads=2, fusion_layer=1, fusion_mode="cross", img_size=32,
+                             patch_size=8, itm_pair_features=True))
+    ids, mask = model.tokenizer(["a red circle", "a blue square above a green star", "two shapes"])
+    text, vision = model.encode_text(ids, mask), model.encode_vision(torch.randn(3, 3, 32, 32))
+    plain = model.itm_head(model.fuse(text.tokens, vision.tokens).cls())
+    context = model.fusion_context(vision.tokens).select(torch.arange(3))
+    assert torch.allclose(model.itm_logits(text.tokens, context), plain, atol=1e-6)
+    torch.nn.init.normal_(model.itm_pair_head.weight)
+    product = text.feat * vision.feat / model.temp
+    expected = plain + product @ model.itm_pair_head.weight.t() + model.itm_pair_head.bias
+    logits = model.itm_logits(text.tokens, vision.tokens)
+    assert torch.allclose(logits, expected, atol=1e-5)
+    F.cross_entropy(logits, torch.tensor([1, 0, 0])).backward()
+    assert model.itm_pair_head.weight.grad.abs().sum() > 0 and model.itm_head.weight.grad.abs().sum() > 0
+    assert model.text_proj.weight.grad is None and model.vision_proj.weight.grad is None and model.temp.grad is None
+
+
+def test_answer_pair_features_start_at_the_fused_head_and_add_a_bilinear_term():
+    from mmfm.config import ModelConfig
+    from mmfm.models.model import MMFM
+
+    torch.manual_seed(0)
+    model = MMFM(ModelConfig(width=64, depth=2, heads=2, fusion_layer=1, fusion_mode="cross", img_size=32,
+                             patch_size=8, answer_pair_features=True, answers={"vqa": ["yes", "no", "red"]}))
+    ids, mask = model.tokenizer(["is there a red circle?", "what color is the square?"])
+    question, vision = model.encode_text(ids, mask).tokens, model.encode_vision(torch.randn(2, 3, 32, 32)).tokens
+    fused = model.answer_heads["vqa"](model.fuse(question, vision).cls())
+    assert torch.allclose(model.answer_logits("vqa", question, vision), fused, atol=1e-6)
+    pair = model.answer_pair_heads["vqa"]
+    torch.nn.init.normal_(pair.weight)
+    product = model.trunk.norm(question.x[:, 0]) * model.trunk.norm(vision.x[:, 0])
+    logits = model.answer_logits("vqa", question, model.fusion_context(vision))
+    assert torch.allclose(logits, fused + pair(product), atol=1e-5)
+    logits.sum().backward()
+    assert pair.weight.grad.abs().sum() > 0 and model.trunk.token_embed.weight.grad.abs().sum() > 0
+
+
+def test_questions_attached_to_an_image_text_batch_train_the_vqa_head_on_the_same_vision():
+    from mmfm.config import ModelConfig
+    from mmfm.models.model import MMFM
+    from mmfm.objectives.tasks import MultiTaskObjective
+
+    torch.manual_seed(0)
+    model = MMFM(ModelConfig(width=64, depth=2, heads=2, fusion_layer=1, fusion_mode="cross", img_size=32,
+                             patch_size=8, answers={"vqa": ["yes", "no", "red"]}))
+    objective = MultiTaskObjective(model, {"qa": 0.5, "mlm": 0.0}, ["image_text"], 10)
+    ids, mask = model.tokenizer(["a red circle", "a blue square", "two shapes"])
+    question_ids, question_mask = model.tokenizer(["is it red?", "", "what color?"])
+    target = torch.tensor([[1.0, 0, 0], [0, 0, 0], [0, 0, 1.0]])
+    batch = {"image": torch.randn(3, 3, 32, 32), "text_ids": ids, "text_mask": mask, "image_id": torch.arange(3),
+             "question_ids": question_ids, "question_mask": question_mask, "target": target,
+             "has_question": torch.tensor([True, False, True])}
+    losses = objective("image_text", batch)
+    with torch.no_grad():
+        vision = model.encode_vision(batch["image"][[0, 2]]).tokens
+        question = model.encode_text(question_ids[[0, 2]], question_mask[[0, 2]]).tokens
+        expected = vqa_loss(model.answer_logits("vqa", question, vision), target[[0, 2]])
+    assert torch.allclose(losses["vqa"], expected, atol=1e-5)
+    assert torch.allclose(losses["loss"], losses["itc"] + losses["itm"] + 0.5 * losses["vqa"], atol=1e-5)
+    losses["loss"].backward()
+    assert model.answer_heads["vqa"].parameters().__next__().grad.abs().sum() > 0
+    del batch["question_ids"]
+    assert "vqa" not in objective("image_text", batch)

@@ -39,7 +39,8 @@ def test_short_run_learns_and_writes_every_artefact(tmp_path, tiny_overrides):
     assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step_00000025", "step_00000050"]
     metrics = json.loads((out / "metrics.json").read_text())
     for key in ("img_r1", "img_r5", "img_r10", "txt_r1", "txt_r5", "txt_r10", "r_mean", "binding_acc",
-                "vqa_acc", "train_seconds", "samples_per_s", "bad_samples", "itc_img_r1", "itc_txt_r1"):
+                "vqa_acc", "train_seconds", "samples_per_s", "bad_samples", "itc_img_r1", "itc_txt_r1",
+                "itc_binding_acc"):
         assert key in metrics, key
     assert "vid_r1" not in metrics and metrics["bad_samples"] == 0
     losses = [r["loss/image_text"] for r in _history(out) if "loss/image_text" in r]

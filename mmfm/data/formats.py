@@ -328,21 +328,29 @@ def _maybe_swap(text: str, flipped: bool) -> str:
     return swap_left_right(text) if flipped else text
 
 
+def _answers_of(entry: dict, flipped: bool) -> list[str]:
+    """A VQA entry's annotator answers (one string or a list), left/right swapped for a flipped image."""
+    answers = entry.get("answer", [])
+    return [_maybe_swap(a, flipped) for a in ([answers] if isinstance(answers, str) else answers)]
+
+
 class ImageTextDataset(AnnotationDataset):
     """Pretrain / retrieval-train pairs ``{"image", "caption", "image_id"}`` → image, text, image_id, index.
 
     A caption list yields one random caption per draw. image_id values (any hashable) are mapped to
     contiguous ints (same image → same id, as ITM negative masking needs). With ``negatives`` (a
     ``CaptionNegatives``) a sample also carries ``negative_text`` ("" when the caption has none) and
-    ``has_negative``.
+    ``has_negative``. With ``questions`` (a ``QuestionBank``) it also carries one of its image's questions
+    (``question``, ``target``, ``has_question``), so one vision forward serves alignment and answering.
     """
 
     required_keys = ("caption",)
 
-    def __init__(self, ann_file, root=None, transform=None, negatives=None, **kwargs):
+    def __init__(self, ann_file, root=None, transform=None, negatives=None, questions=None, **kwargs):
         super().__init__(ann_file, root, transform, **kwargs)
         self.image_ids = contiguous_ids([e.get(f"{self.media_key}_id", e[self.media_key]) for e in self.entries])
         self.negatives = negatives
+        self.questions = questions
 
     def load(self, index, rng):
         media, flipped = self.load_media(index, rng)
@@ -351,6 +359,8 @@ class ImageTextDataset(AnnotationDataset):
         if self.negatives is not None:
             negative = self.negatives(text, rng)
             sample["negative_text"], sample["has_negative"] = negative or "", negative is not None
+        if self.questions is not None:
+            sample.update(self.questions.draw(self.entries[index][self.media_key], flipped, rng))
         return sample
 
 
@@ -401,8 +411,7 @@ class VQADataset(AnnotationDataset):
     def load(self, index, rng):
         entry = self.entries[index]
         media, flipped = self.load_media(index, rng)
-        answers = entry.get("answer", [])
-        answers = [_maybe_swap(a, flipped) for a in ([answers] if isinstance(answers, str) else answers)]
+        answers = _answers_of(entry, flipped)
         return {self.media_key: media, "question": _maybe_swap(entry["question"], flipped),
                 "answers": answers, "target": self.target(answers),
                 "question_id": entry.get("question_id", index),
@@ -415,6 +424,29 @@ class VQADataset(AnnotationDataset):
             if answer in self.answer_index:
                 target[self.answer_index[answer]] = score
         return target
+
+
+class QuestionBank:
+    """The questions of a VQA dataset grouped by media path, for image-text samples to carry.
+
+    ``draw(path, flipped, rng)`` -> ``question`` (left/right swapped when the image was flipped), its
+    soft-score ``target`` over the VQA dataset's answer list and ``has_question``; a path without
+    questions gives an empty question, a zero target and ``has_question=False``. No media are read here.
+    """
+
+    def __init__(self, vqa: VQADataset):
+        self.vqa = vqa
+        self.by_media: dict[str, list[int]] = {}
+        for index, entry in enumerate(vqa.entries):
+            self.by_media.setdefault(entry[vqa.media_key], []).append(index)
+
+    def draw(self, media: str, flipped: bool, rng: np.random.Generator) -> dict:
+        indices = self.by_media.get(media)
+        if not indices:
+            return {"question": "", "target": torch.zeros(len(self.vqa.answer_list)), "has_question": False}
+        entry = self.vqa.entries[_choose(indices, rng)]
+        target = self.vqa.target(_answers_of(entry, flipped))
+        return {"question": _maybe_swap(entry["question"], flipped), "target": target, "has_question": True}
 
 
 class SegmentationDataset(AnnotationDataset):

@@ -120,19 +120,26 @@ def evaluate_retrieval(model, loader, dataset, key: str = "image", k_test: int =
     return metrics
 
 
-def _pair_scores(model, vision, text):
-    """Match score of aligned (text_i, vision_i) pairs: ITM margin, or ITC similarity without fusion layers."""
-    if model.cfg.fusion_layer >= model.cfg.depth:
-        return (text.feat * vision.feat).sum(-1)
-    logits = model.itm_logits(text.tokens, vision.tokens)
-    return logits[:, 1] - logits[:, 0]
+def _pair_scores(model, vision, text) -> dict[str, torch.Tensor]:
+    """Match scores of aligned (text_i, vision_i) pairs: ``itc`` similarity, and the ITM margin as ``itm``
+    when the model has fusion layers."""
+    scores = {"itc": (text.feat * vision.feat).sum(-1)}
+    if model.cfg.fusion_layer < model.cfg.depth:
+        logits = model.itm_logits(text.tokens, vision.tokens)
+        scores["itm"] = logits[:, 1] - logits[:, 0]
+    return scores
 
 
 @torch.no_grad()
 def evaluate_binding(model, loader) -> dict:
-    """Share of probes whose true caption outscores its colour-swapped twin (ITM; ITC for dual encoders)."""
+    """Share of probes whose true caption outscores its colour-swapped twin.
+
+    ``binding_acc`` uses ITM (ITC for dual encoders); models with fusion layers also report the ITC
+    similarity's share as ``itc_binding_acc``, which shows what fusion adds.
+    """
     device = next(model.parameters()).device
-    wins, total = 0, 0
+    wins: dict[str, int] = {}
+    total = 0
     for batch in loader:
         if "image" not in batch:
             continue
@@ -141,6 +148,11 @@ def evaluate_binding(model, loader) -> dict:
         for key in ("caption", "swapped"):
             ids, mask = model.tokenizer(batch[key])
             scores.append(_pair_scores(model, vision, model.encode_text(ids.to(device), mask.to(device))))
-        wins += int((scores[0] > scores[1]).sum())
-        total += len(scores[0])
-    return {"binding_acc": round(100.0 * wins / max(total, 1), 2)}
+        for kind in scores[0]:
+            wins[kind] = wins.get(kind, 0) + int((scores[0][kind] > scores[1][kind]).sum())
+        total += len(batch["caption"])
+    final = "itm" if "itm" in wins else "itc"
+    metrics = {"binding_acc": round(100.0 * wins.get(final, 0) / max(total, 1), 2)}
+    if final == "itm":
+        metrics["itc_binding_acc"] = round(100.0 * wins["itc"] / max(total, 1), 2)
+    return metrics

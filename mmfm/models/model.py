@@ -36,13 +36,25 @@ class MMFM(nn.Module):
         self.text_proj = nn.Linear(width, cfg.embed_dim)
         self.temp = nn.Parameter(torch.tensor(cfg.temp))
         self.itm_head = nn.Linear(width, 2)
+        self.itm_pair_head = self._zero_linear(cfg.embed_dim, 2) if cfg.itm_pair_features else None
         self.mlm_head = MLMHead(width, self.trunk.token_embed)
         self.answer_heads = nn.ModuleDict({name: AnswerHead(width, len(answers))
                                            for name, answers in cfg.answers.items()})
+        self.answer_pair_heads = nn.ModuleDict({name: self._zero_linear(width, len(answers))
+                                                for name, answers in cfg.answers.items()
+                                                if cfg.answer_pair_features})
+
+    @staticmethod
+    def _zero_linear(fan_in: int, fan_out: int) -> nn.Linear:
+        layer = nn.Linear(fan_in, fan_out)
+        nn.init.zeros_(layer.weight)
+        nn.init.zeros_(layer.bias)
+        return layer
 
     def _build_trunk(self, cfg: ModelConfig) -> UnifiedTrunk:
         extra = dict(fusion_layer=cfg.fusion_layer, vocab_size=self.tokenizer.vocab_size,
                      context_length=cfg.context_length, max_frames=cfg.max_frames, rolling=cfg.rolling,
+                     text_bigram=cfg.text_bigram,
                      fusion_mode=cfg.fusion_mode)
         if cfg.init.startswith("timm:"):
             import timm
@@ -96,10 +108,35 @@ class MMFM(nn.Module):
         return self.trunk.fuse(text, vision)
 
     def itm_logits(self, text: TokenBatch, vision: TokenBatch | FusionContext) -> torch.Tensor:
-        return self.itm_head(self.fuse(text, vision).cls())
+        """(N, 2) no-match / match logits of aligned (text_i, vision_i) pairs.
+
+        The fused [CLS] is classified; with ``itm_pair_features`` a zero-initialised linear layer also reads
+        the element-wise product of the pair's ITC features (over the temperature, without gradient into
+        them). From scratch, the fusion layers need several hundred steps before [text ; vision] attention
+        carries a match signal, and until then ITM is noise added to the re-rank; the product makes the
+        aligned similarity, and whatever binding ITC has learned, available to ITM from the first steps.
+        """
+        logits = self.itm_head(self.fuse(text, vision).cls())
+        if self.itm_pair_head is None:
+            return logits
+        vision_tokens = vision.tokens if isinstance(vision, FusionContext) else vision
+        product = (self._feature(text, self.text_proj) * self._feature(vision_tokens, self.vision_proj)).detach()
+        return logits + self.itm_pair_head(product / self.temp.detach().clamp(0.001, 0.5))
 
     def answer_logits(self, head: str, text: TokenBatch, vision: TokenBatch | FusionContext) -> torch.Tensor:
-        return self.answer_heads[head](self.fuse(text, vision).cls())
+        """(N, answers) logits from the fused [CLS] (ViLT's head).
+
+        With ``answer_pair_features`` a zero-initialised linear layer also reads the element-wise product
+        of the question's and the image's unimodal [CLS] (after the final norm): low-rank bilinear pooling
+        (MLB, Kim et al. 2017), a question-image interaction that a linear layer learns in a few steps
+        while the fusion layers' attention is still near uniform.
+        """
+        logits = self.answer_heads[head](self.fuse(text, vision).cls())
+        if head not in self.answer_pair_heads:
+            return logits
+        vision_tokens = vision.tokens if isinstance(vision, FusionContext) else vision
+        product = self.trunk.norm(text.cls()) * self.trunk.norm(vision_tokens.cls())
+        return logits + self.answer_pair_heads[head](product)
 
     def config_dict(self) -> dict:
         return asdict(self.cfg)

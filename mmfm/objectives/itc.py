@@ -59,8 +59,13 @@ def itc_loss(
     vision_m: torch.Tensor | None = None,
     text_m: torch.Tensor | None = None,
     alpha: float = 0.0,
+    text_negatives: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Symmetric contrastive loss. ``*_keys`` are [momentum batch ; queue]; ``*_m`` the momentum queries."""
+    """Symmetric contrastive loss. ``*_keys`` are [momentum batch ; queue]; ``*_m`` the momentum queries.
+
+    ``text_negatives`` (N, D) are texts that match no image (NegCLIP's re-bound captions): extra columns of
+    the vision->text softmax that get no target mass.
+    """
     sim_v2t = vision @ text_keys.t() / temp
     sim_t2v = text @ vision_keys.t() / temp
     target_v2t = target_t2v = targets
@@ -68,4 +73,7 @@ def itc_loss(
         with torch.no_grad():
             target_v2t = alpha * F.softmax(vision_m @ text_keys.t() / temp, dim=1) + (1 - alpha) * targets
             target_t2v = alpha * F.softmax(text_m @ vision_keys.t() / temp, dim=1) + (1 - alpha) * targets
+    if text_negatives is not None:
+        sim_v2t = torch.cat([sim_v2t, vision @ text_negatives.t() / temp], dim=1)
+        target_v2t = F.pad(target_v2t, (0, len(text_negatives)))
     return (_soft_cross_entropy(sim_v2t, target_v2t) + _soft_cross_entropy(sim_t2v, target_t2v)) / 2

@@ -1,8 +1,12 @@
 """All training objectives of the unified model behind one module: ``objective(stream, batch) -> losses``.
 
 Streams: ``image_text`` / ``video_text`` (ITC + ITM + MLM, ALBEF), ``vqa`` / ``video_qa`` (answer
-classification). The engine sees only this nn.Module and the dict of losses it returns.
+classification). An alignment batch that also carries questions (``data.qa_with_captions``) trains the
+answer head of its modality on the same fusion context, so the vision side is encoded once for all four
+objectives. The engine sees only this nn.Module and the dict of losses it returns.
 """
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -18,6 +22,7 @@ from mmfm.objectives.vqa import vqa_loss
 
 ALIGN_STREAMS = ("image_text", "video_text")
 ANSWER_STREAMS = ("vqa", "video_qa")
+ANSWER_HEAD_OF = {"image_text": "vqa", "video_text": "video_qa"}
 
 
 def _pad(tensor: torch.Tensor, length: int, value) -> torch.Tensor:
@@ -25,16 +30,38 @@ def _pad(tensor: torch.Tensor, length: int, value) -> torch.Tensor:
     return torch.nn.functional.pad(tensor, (0, length - tensor.shape[1]), value=value)
 
 
+@dataclass
+class CaptionNegatives:
+    """Encoded caption negatives (``data.negative_words``): no-match texts for ITC and ITM.
+
+    ``rows`` are the batch rows (images) they negate, out of ``batch_size``.
+    """
+
+    tokens: TokenBatch
+    rows: torch.Tensor
+    feat: torch.Tensor
+    batch_size: int
+
+    def padded_features(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(batch_size, D) features with zeros where a row has no negative, and the (batch_size,) presence
+        mask: equal shapes on every rank, so they can be gathered."""
+        padded = self.feat.new_zeros(self.batch_size, self.feat.shape[1]).index_copy(0, self.rows, self.feat)
+        present = torch.zeros(self.batch_size, dtype=torch.bool, device=self.feat.device)
+        return padded, present.index_fill(0, self.rows, True)
+
+
 class MultiTaskObjective(nn.Module):
     def __init__(self, model: nn.Module, loss_weights: dict, streams, alpha_warmup_steps: int):
         super().__init__()
         cfg = model.cfg
         self.model = model
-        self.loss_weights = {"itc": 1.0, "itm": 1.0, "mlm": 1.0, **loss_weights}
+        self.loss_weights = {"itc": 1.0, "itm": 1.0, "mlm": 1.0, "qa": 1.0, **loss_weights}
         self.has_fusion = cfg.fusion_layer < cfg.depth
         self.alpha, self.alpha_warmup_steps = cfg.alpha, max(1, alpha_warmup_steps)
         self.mlm_prob = cfg.mlm_prob
-        self.momentum = MomentumModel(model, cfg.momentum, skip=("answer_heads",)) if cfg.momentum > 0 else None
+        self.momentum = None
+        if cfg.momentum > 0:
+            self.momentum = MomentumModel(model, cfg.momentum, skip=("answer_heads", "answer_pair_heads"))
         self.queues = nn.ModuleDict({s: FeatureQueue(cfg.queue_size, cfg.embed_dim)
                                      for s in streams if s in ALIGN_STREAMS})
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
@@ -71,21 +98,29 @@ class MultiTaskObjective(nn.Module):
         vision = model.encode_vision(pixels)
         text, negatives = self._texts(batch)
         momentum = self._momentum_features(pixels, ids, mask)
-        losses = {"itc": self._itc(stream, vision.feat, text.feat, momentum, pair_ids, alpha)}
+        losses = {"itc": self._itc(stream, vision.feat, text.feat, momentum, pair_ids, alpha, negatives)}
+        weights = {"itc": self.loss_weights["itc"]}
         if self.has_fusion:
             context = model.fusion_context(vision.tokens)
             sim_t2v = (text.feat @ vision.feat.t() / model.temp).detach()
+            caption_negatives = None if negatives is None else (negatives.tokens, negatives.rows)
             losses["itm"], losses["itm_acc"] = itm_loss(model, text.tokens, context, sim_t2v, sim_t2v.t(), pair_ids,
-                                                        negatives)
+                                                        caption_negatives)
+            weights["itm"] = self.loss_weights["itm"]
             if self.loss_weights["mlm"] > 0:
                 losses["mlm"] = self._mlm(ids, mask, context, momentum, alpha)
-        losses["loss"] = sum(self.loss_weights[k] * losses[k] for k in ("itc", "itm", "mlm") if k in losses)
+                weights["mlm"] = self.loss_weights["mlm"]
+            if "question_ids" in batch and batch["has_question"].any():
+                head = ANSWER_HEAD_OF[stream]
+                losses.update(self._answer_losses(head, batch, context, batch["has_question"]))
+                weights[head] = self.loss_weights["qa"]
+        losses["loss"] = sum(weight * losses[k] for k, weight in weights.items())
         return losses
 
-    def _texts(self, batch: dict) -> tuple[Encoded, tuple[TokenBatch, torch.Tensor] | None]:
-        """The captions encoded, plus the caption negatives (tokens, image rows) in the same forward."""
+    def _texts(self, batch: dict) -> tuple[Encoded, CaptionNegatives | None]:
+        """The captions encoded, plus the caption negatives in the same forward."""
         ids, mask = batch["text_ids"], batch["text_mask"]
-        if not self.has_fusion or "has_negative" not in batch or not batch["has_negative"].any():
+        if "has_negative" not in batch or not batch["has_negative"].any():
             return self.model.encode_text(ids, mask), None
         rows = batch["has_negative"].nonzero().squeeze(1)
         neg_ids, neg_mask = batch["negative_text_ids"][rows], batch["negative_text_mask"][rows]
@@ -95,7 +130,7 @@ class MultiTaskObjective(nn.Module):
                                       torch.cat([_pad(mask, length, False), _pad(neg_mask, length, False)]))
         count, x, full_mask = len(ids), both.tokens.x, both.tokens.mask
         text = Encoded(TokenBatch(x[:count], full_mask[:count]), both.feat[:count])
-        return text, (TokenBatch(x[count:], full_mask[count:]), rows)
+        return text, CaptionNegatives(TokenBatch(x[count:], full_mask[count:]), rows, both.feat[count:], count)
 
     def _momentum_features(self, pixels, ids, mask):
         if self.momentum is None:
@@ -105,8 +140,12 @@ class MultiTaskObjective(nn.Module):
             teacher = self.momentum.model
             return teacher.encode_vision(pixels), teacher.encode_text(ids, mask)
 
-    def _itc(self, stream, vision_feat, text_feat, momentum, pair_ids, alpha):
+    def _itc(self, stream, vision_feat, text_feat, momentum, pair_ids, alpha, negatives=None):
         vision_all, text_all = gather_with_grad(vision_feat), gather_with_grad(text_feat)
+        text_negatives = None
+        if negatives is not None:
+            padded, present = negatives.padded_features()
+            text_negatives = gather_with_grad(padded)[gather_no_grad(present)]
         ids_all = gather_no_grad(pair_ids)
         if momentum is None:
             vision_m = text_m = None
@@ -120,7 +159,7 @@ class MultiTaskObjective(nn.Module):
         text_keys = torch.cat([text_keys, queue_text])
         targets = positive_targets(ids_all, torch.cat([ids_all, queue_ids]))
         loss = itc_loss(vision_all, text_all, vision_keys, text_keys, self.model.temp, targets,
-                        vision_m, text_m, alpha)
+                        vision_m, text_m, alpha, text_negatives)
         queue.enqueue(vision_keys[: len(ids_all)].detach(), text_keys[: len(ids_all)].detach(), ids_all)
         return loss
 
@@ -144,11 +183,18 @@ class MultiTaskObjective(nn.Module):
         return model.mlm_head(joint.x[:, : masked.shape[1]][where])
 
     def answer(self, stream: str, batch: dict) -> dict:
-        model = self.model
-        vision = model.encode_vision(self._vision(batch))
-        question = model.encode_text(batch["question_ids"], batch["question_mask"])
-        logits = model.answer_logits(stream, question.tokens, vision.tokens)
-        target = batch["target"]
-        loss = vqa_loss(logits, target)
+        vision = self.model.encode_vision(self._vision(batch))
+        losses = self._answer_losses(stream, batch, vision.tokens)
+        return {"loss": losses[stream], **{k: v.detach() for k, v in losses.items()}}
+
+    def _answer_losses(self, head: str, batch: dict, vision, rows: torch.Tensor | None = None) -> dict:
+        """VQA loss and soft accuracy of the ``head`` answers to the batch's questions (only ``rows``)."""
+        ids, mask, target = batch["question_ids"], batch["question_mask"], batch["target"]
+        if rows is not None and not rows.all():
+            keep = rows.nonzero().squeeze(1)
+            ids, mask, target = ids[keep], mask[keep], target[keep]
+            vision = vision.select(keep)
+        question = self.model.encode_text(ids, mask)
+        logits = self.model.answer_logits(head, question.tokens, vision)
         accuracy = target.gather(1, logits.argmax(1, keepdim=True)).mean()
-        return {"loss": loss, stream: loss.detach(), f"{stream}_acc": accuracy}
+        return {head: vqa_loss(logits, target), f"{head}_acc": accuracy.detach()}

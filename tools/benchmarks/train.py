@@ -3,7 +3,7 @@
 `python tools/bench.py train --json F` -> samples_per_s, gflops, peak_gflops, peak_fraction.
 FLOPs of one optimizer step are counted with torch's FlopCounterMode (matmuls and attention, forward
 and backward, the momentum encoder included when the config has one); the batch is synthetic so data
-loading is not timed.
+loading is not timed, and carries caption negatives and questions when the config's data block asks for them.
 """
 
 import time
@@ -45,10 +45,17 @@ def _batch(model, cfg, stream: str):
         pixels = torch.randn(batch_size, cfg.data.num_frames, 3, cfg.data.image_size, cfg.data.image_size)
         return {"video": pixels, "text_ids": ids[:batch_size], "text_mask": mask[:batch_size],
                 "video_id": torch.arange(batch_size)}
+    questions = {"question_ids": ids, "question_mask": mask,
+                 "target": torch.rand(batch_size, len(model.cfg.answers["vqa"]))}
     if stream == "vqa":
-        return {"image": pixels, "question_ids": ids, "question_mask": mask,
-                "target": torch.rand(batch_size, len(model.cfg.answers["vqa"]))}
-    return {"image": pixels, "text_ids": ids, "text_mask": mask, "image_id": torch.arange(batch_size)}
+        return {"image": pixels, **questions}
+    batch = {"image": pixels, "text_ids": ids, "text_mask": mask, "image_id": torch.arange(batch_size)}
+    if cfg.data.negative_words:  # the config's caption negatives: one re-bound twin per caption
+        batch.update(negative_text_ids=ids, negative_text_mask=mask,
+                     has_negative=torch.ones(batch_size, dtype=torch.bool))
+    if cfg.data.qa_with_captions:
+        batch.update(questions, has_question=torch.ones(batch_size, dtype=torch.bool))
+    return batch
 
 
 def run(args) -> dict:
