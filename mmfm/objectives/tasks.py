@@ -31,7 +31,7 @@ def _pad(tensor: torch.Tensor, length: int, value) -> torch.Tensor:
 
 
 @dataclass
-class CaptionNegatives:
+class EncodedNegatives:
     """Encoded caption negatives (``data.negative_words``): no-match texts for ITC and ITM.
 
     ``rows`` are the batch rows (images) they negate, out of ``batch_size``.
@@ -117,7 +117,7 @@ class MultiTaskObjective(nn.Module):
         losses["loss"] = sum(weight * losses[k] for k, weight in weights.items())
         return losses
 
-    def _texts(self, batch: dict) -> tuple[Encoded, CaptionNegatives | None]:
+    def _texts(self, batch: dict) -> tuple[Encoded, EncodedNegatives | None]:
         """The captions encoded, plus the caption negatives in the same forward."""
         ids, mask = batch["text_ids"], batch["text_mask"]
         if "has_negative" not in batch or not batch["has_negative"].any():
@@ -130,7 +130,7 @@ class MultiTaskObjective(nn.Module):
                                       torch.cat([_pad(mask, length, False), _pad(neg_mask, length, False)]))
         count, x, full_mask = len(ids), both.tokens.x, both.tokens.mask
         text = Encoded(TokenBatch(x[:count], full_mask[:count]), both.feat[:count])
-        return text, CaptionNegatives(TokenBatch(x[count:], full_mask[count:]), rows, both.feat[count:], count)
+        return text, EncodedNegatives(TokenBatch(x[count:], full_mask[count:]), rows, both.feat[count:], count)
 
     def _momentum_features(self, pixels, ids, mask):
         if self.momentum is None:
