@@ -3,7 +3,8 @@
 `python tools/bench.py train --json F` -> samples_per_s, gflops, peak_gflops, peak_fraction.
 FLOPs of one optimizer step are counted with torch's FlopCounterMode (matmuls and attention, forward
 and backward, the momentum encoder included when the config has one); the batch is synthetic so data
-loading is not timed, and carries caption negatives and questions when the config's data block asks for them.
+loading is not timed, and carries caption negatives and questions when the config's data block asks
+for them.
 """
 
 import time
