@@ -81,6 +81,7 @@ class TrainConfig:
     batch_size: int = 64             # global batch of image streams
     video_batch_size: int = 0        # global batch of video streams (0 = batch_size)
     lr: float = 1e-4
+    fusion_lr_scale: float = 1.0     # lr multiplier of the fusion layers and the ITM / answer heads
     weight_decay: float = 0.02
     warmup_steps: int = 100
     max_steps: int = 1000
@@ -229,6 +230,8 @@ def validate(cfg: Config) -> None:
                               f"{_closest(stream, TRAIN_STREAMS)}")
     if cfg.train.precision not in ("fp32", "bf16"):
         raise ConfigError(f"train.precision={cfg.train.precision!r}: use fp32 or bf16")
+    if cfg.train.fusion_lr_scale <= 0:
+        raise ConfigError(f"train.fusion_lr_scale={cfg.train.fusion_lr_scale}: must be > 0 (1 = the base lr)")
     if cfg.data.on_error not in ("skip", "raise"):
         raise ConfigError(f"data.on_error={cfg.data.on_error!r}: use skip or raise")
 

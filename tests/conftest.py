@@ -53,7 +53,8 @@ TINY_MODEL = [
     "model.width=64", "model.depth=3", "model.heads=2", "model.fusion_layer=2", "model.embed_dim=32",
     "model.patch_size=16", "model.queue_size=37", "model.momentum=0.995", "model.max_frames=4",
     "data.num_frames=2",
-    "data.num_workers=0", "train.batch_size=16", "train.warmup_steps=2", "train.log_every=1",
+    "data.num_workers=0", "train.batch_size=16", "train.video_batch_size=16", "train.warmup_steps=2",
+    "train.log_every=1",
     "train.threads=1", "eval.batch_size=64",
 ]
 

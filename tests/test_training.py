@@ -118,3 +118,30 @@ def test_two_processes_match_one_process_at_step_zero(tmp_path, tiny_overrides):
 def test_bf16_step_on_cuda(tmp_path, tiny_overrides):
     assert _train(tmp_path / "bf16", tiny_overrides + ["train.max_steps=2", "train.precision=bf16"],
                   "--no-eval").returncode == 0
+
+
+def test_fusion_lr_scale_speeds_up_only_the_fusion_layers_and_their_heads():
+    from mmfm.config import ModelConfig, TrainConfig
+    from mmfm.engine.schedule import lr_factor
+    from mmfm.engine.trainer import make_optimizer
+    from mmfm.models.model import MMFM
+    from mmfm.objectives.tasks import MultiTaskObjective
+
+    model = MMFM(ModelConfig(width=64, depth=3, heads=2, fusion_layer=2, fusion_mode="cross", img_size=32,
+                             patch_size=8, itm_pair_features=True, momentum=0.0, queue_size=0,
+                             answers={"vqa": ["yes", "no"]}))
+    objective = MultiTaskObjective(model, {"itc": 1.0, "itm": 1.0}, ["image_text"], 10)
+    optimizer = make_optimizer(objective, TrainConfig(lr=1e-3, fusion_lr_scale=5.0), torch.device("cpu"))
+    lr_of = {id(p): (group["lr"], group["weight_decay"]) for group in optimizer.param_groups for p in group["params"]}
+    assert len(lr_of) == sum(1 for p in objective.parameters() if p.requires_grad)
+    fast = (model.trunk.blocks[2].mlp.fc1.weight, model.itm_head.weight, model.itm_pair_head.weight,
+            model.answer_heads["vqa"][0].weight)
+    assert all(lr_of[id(p)][0] == pytest.approx(5e-3) for p in fast)
+    slow = (model.trunk.blocks[1].mlp.fc1.weight, model.trunk.patch_embed.proj.weight, model.text_proj.weight)
+    assert all(lr_of[id(p)] == (pytest.approx(1e-3), 0.02) for p in slow)
+    assert lr_of[id(model.trunk.blocks[2].norm1.weight)] == (pytest.approx(5e-3), 0.0)
+    assert lr_of[id(model.temp)] == (pytest.approx(1e-3), 0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, 2, 10))
+    optimizer.step()
+    scheduler.step()
+    assert sorted({round(lr / min(scheduler.get_last_lr()), 6) for lr in scheduler.get_last_lr()}) == [1.0, 5.0]

@@ -66,21 +66,33 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     return accelerator
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: no decay on norms, biases, embeddings, positions and the temperature."""
+def param_groups(model: torch.nn.Module, weight_decay: float, lr: float, fusion_lr_scale: float = 1.0) -> list[dict]:
+    """AdamW groups: no decay on norms, biases, embeddings, positions and the temperature; the parameters a
+    model lists in ``fusion_parameters()`` (fusion layers and the heads on them) at ``lr * fusion_lr_scale``."""
     skip = set()
     for name, module in model.named_modules():
         if hasattr(module, "no_weight_decay"):
             skip |= {f"{name}.{n}" if name else n for n in module.no_weight_decay()}
-    decay, no_decay = [], []
+    fusion = set()
+    for module in model.modules():
+        if hasattr(module, "fusion_parameters"):
+            fusion |= {id(p) for p in module.fusion_parameters()}
+    groups: dict[tuple[bool, bool], list] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if param.ndim < 2 or name in skip or any(name.endswith(f".{s}") for s in skip):
-            no_decay.append(param)
-        else:
-            decay.append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        decays = not (param.ndim < 2 or name in skip or any(name.endswith(f".{s}") for s in skip))
+        groups.setdefault((decays, id(param) in fusion), []).append(param)
+    return [{"params": params, "weight_decay": weight_decay if decays else 0.0,
+             "lr": lr * (fusion_lr_scale if in_fusion else 1.0)}
+            for (decays, in_fusion), params in sorted(groups.items())]
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over `param_groups`. On CPU torch's default AdamW updates the parameters one by one (~9% of a
+    demo step); the fused kernel does the same update in one pass. CUDA already defaults to multi-tensor."""
+    groups = param_groups(model, cfg.weight_decay, cfg.lr, cfg.fusion_lr_scale)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), fused=True if device.type == "cpu" else None)
 
 
 class Trainer:
@@ -117,7 +129,7 @@ class Trainer:
     def fit(self, objective: torch.nn.Module, streams: dict[str, Stream], *, num_workers: int = 0,
             resume: str | None = None, max_bad_fraction: float = 0.01) -> dict:
         cfg, acc = self.cfg, self.accelerator
-        optimizer = torch.optim.AdamW(param_groups(objective, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
+        optimizer = make_optimizer(objective, cfg, acc.device)
         budget_s = cfg.max_minutes * 60
         state = {"step": 0, "elapsed": 0.0, "samples": 0, "num_seen": 0, "num_bad": 0}
         scheduler = torch.optim.lr_scheduler.LambdaLR(

@@ -78,6 +78,12 @@ class MMFM(nn.Module):
             names |= {f"vision_adapter.{n}" for n in self.vision_adapter.no_weight_decay()}
         return names
 
+    def fusion_parameters(self) -> list[nn.Parameter]:
+        """The fusion layers and the heads that read them (``train.fusion_lr_scale`` applies to these)."""
+        modules = [*self.trunk.blocks[self.cfg.fusion_layer:], self.itm_head, self.itm_pair_head,
+                   self.answer_heads, self.answer_pair_heads]
+        return [p for module in modules if module is not None for p in module.parameters()]
+
     # ---- unimodal ---------------------------------------------------------------------------------
 
     def _feature(self, tokens: TokenBatch, proj: nn.Linear) -> torch.Tensor:

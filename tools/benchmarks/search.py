@@ -2,7 +2,7 @@
 
     python tools/bench.py search --json out.json [--items 10000] [--build-images 512] [--queries 200]
 
-Model: an untrained model of configs/demo_shapes.yaml (width 192, depth 6, 64 px; latency does not
+Model: an untrained model of configs/demo_shapes.yaml (64 px; latency does not
 depend on the weights). ``index_build_ips``: `pipe.index(images=...)` over ``--build-images`` random-pixel
 PNGs (decode + transform + unimodal layers). The ``--items`` index is that index tiled with small noise
 on the features (same tensor sizes as a real 10k index). Reports per-query latency of ITC-only search
@@ -24,7 +24,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[2]
 
 def demo_model(untrained_answers: int = 32):
-    """An untrained model of configs/demo_shapes.yaml (width 192, depth 6, 64 px) with VQA heads."""
+    """An untrained model of configs/demo_shapes.yaml (64 px) with VQA heads."""
     from dataclasses import replace
 
     import torch

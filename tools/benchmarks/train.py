@@ -13,6 +13,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from mmfm.config import load_config
+from mmfm.engine.trainer import make_optimizer
 from mmfm.models.model import MMFM
 from mmfm.objectives.tasks import MultiTaskObjective
 
@@ -67,7 +68,7 @@ def run(args) -> dict:
     model_cfg.answers = {"vqa": [str(i) for i in range(32)]}
     model = MMFM(model_cfg)
     objective = MultiTaskObjective(model, cfg.train.loss_weights, [args.stream], 100)
-    optimizer = torch.optim.AdamW(objective.parameters(), lr=1e-4)
+    optimizer = make_optimizer(objective, cfg.train, torch.device("cpu"))
     batch = _batch(model, cfg, args.stream)
 
     def step():
