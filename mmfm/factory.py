@@ -94,7 +94,7 @@ def _init_from_checkpoint(cfg: ModelConfig) -> MMFM:
 
 
 def _transforms(cfg: Config, train: bool):
-    norm = dict(mean=tuple(cfg.data.mean), std=tuple(cfg.data.std))
+    norm = {"mean": tuple(cfg.data.mean), "std": tuple(cfg.data.std)}
     if train:
         scale = cfg.data.crop_scale
         if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
@@ -105,7 +105,7 @@ def _transforms(cfg: Config, train: bool):
 
 
 def _dataset_kwargs(cfg: Config) -> dict:
-    return dict(root=cfg.data.root, seed=cfg.train.seed, on_error=cfg.data.on_error)
+    return {"root": cfg.data.root, "seed": cfg.train.seed, "on_error": cfg.data.on_error}
 
 
 def _caption_negatives(word_groups: list) -> CaptionNegatives | None:

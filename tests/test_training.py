@@ -19,7 +19,7 @@ TRAIN = [sys.executable, str(ROOT / "tools" / "train.py"), "--config", str(ROOT 
 def _train(output, overrides, *extra, env=None, launcher=None):
     cmd = (launcher or []) + (TRAIN[1:] if launcher else TRAIN) + ["--output", str(output), "--quiet", *extra,
                                                                      *overrides]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    return subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
 
 
 def _history(output):

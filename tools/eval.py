@@ -10,8 +10,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mmfm.config import load_config  # noqa: E402
-from mmfm.errors import MmfmError  # noqa: E402
+from mmfm.config import load_config
+from mmfm.errors import MmfmError
 
 
 def main(argv=None) -> int:
@@ -23,8 +23,13 @@ def main(argv=None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.k_test=32")
     args = parser.parse_args(argv)
     try:
-        from mmfm.factory import (evaluate, evaluate_segmentation, load_checkpoint_model, load_segmentation_model,
-                                  write_metrics)
+        from mmfm.factory import (
+            evaluate,
+            evaluate_segmentation,
+            load_checkpoint_model,
+            load_segmentation_model,
+            write_metrics,
+        )
 
         cfg = load_config(args.config, args.overrides)
         segmentation = cfg.task == "segmentation"

@@ -15,8 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mmfm.config import load_config, save_config  # noqa: E402
-from mmfm.errors import MmfmError  # noqa: E402
+from mmfm.config import load_config, save_config
+from mmfm.errors import MmfmError
 
 
 def parse_args(argv=None):

@@ -12,6 +12,7 @@ Two entry points:
   (T, H, D), ByteTransformer style: attention never crosses samples and no (T x T) mask is ever built.
 """
 
+import itertools
 import math
 import os
 from dataclasses import dataclass, field
@@ -200,7 +201,7 @@ class PackedSeqs:
     @classmethod
     def from_cu_seqlens(cls, cu_seqlens: torch.Tensor) -> "PackedSeqs":
         bounds = cu_seqlens.tolist()
-        return cls([b - a for a, b in zip(bounds[:-1], bounds[1:])], cu_seqlens.device)
+        return cls([b - a for a, b in itertools.pairwise(bounds)], cu_seqlens.device)
 
     @property
     def total(self) -> int:

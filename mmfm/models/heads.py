@@ -1,8 +1,8 @@
 """Task heads on top of the trunk: MLM (tied decoder), ITM, answer classifiers (ViLT VQA head)."""
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 
 class MLMHead(nn.Module):

@@ -7,8 +7,8 @@ and a retrieval index reuse) and the normalised ITC feature. ``fuse`` runs only 
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from mmfm.config import ModelConfig
 from mmfm.layers.attention import set_backend
@@ -52,10 +52,9 @@ class MMFM(nn.Module):
         return layer
 
     def _build_trunk(self, cfg: ModelConfig) -> UnifiedTrunk:
-        extra = dict(fusion_layer=cfg.fusion_layer, vocab_size=self.tokenizer.vocab_size,
-                     context_length=cfg.context_length, max_frames=cfg.max_frames, rolling=cfg.rolling,
-                     text_bigram=cfg.text_bigram,
-                     fusion_mode=cfg.fusion_mode)
+        extra = {"fusion_layer": cfg.fusion_layer, "vocab_size": self.tokenizer.vocab_size,
+                 "context_length": cfg.context_length, "max_frames": cfg.max_frames, "rolling": cfg.rolling,
+                 "text_bigram": cfg.text_bigram, "fusion_mode": cfg.fusion_mode}
         if cfg.init.startswith("timm:"):
             import timm
 
@@ -169,7 +168,7 @@ def save_pretrained(model: MMFM, path) -> None:
 def config_from_checkpoint(path) -> ModelConfig:
     import json
 
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     from mmfm.config import from_dict
     from mmfm.errors import ModelError
@@ -177,7 +176,7 @@ def config_from_checkpoint(path) -> ModelConfig:
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
-    except Exception as err:
+    except (OSError, SafetensorError) as err:
         raise ModelError(f"{path}: not a readable safetensors checkpoint ({err})") from None
     if "mmfm_config" not in metadata:
         raise ModelError(f"{path}: safetensors file without an 'mmfm_config' entry; "

@@ -3,7 +3,7 @@
 import copy
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 
 class MomentumModel(nn.Module):

@@ -17,9 +17,9 @@ like its image. Token batches are padded (B, L, D) with a key mask, or packed (T
 from dataclasses import dataclass, replace
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, LayerScale, Mlp, resample_abs_pos_embed, trunc_normal_
+from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mmfm.errors import ModelError

@@ -6,8 +6,8 @@ With alpha = 0, no queue, and keys = the online features, this is CLIP's symmetr
 """
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 
 class FeatureQueue(nn.Module):

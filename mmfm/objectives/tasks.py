@@ -9,7 +9,7 @@ objectives. The engine sees only this nn.Module and the dict of losses it return
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from mmfm.models.model import Encoded
 from mmfm.models.momentum import MomentumModel
