@@ -66,7 +66,8 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     return accelerator
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float, lr: float, fusion_lr_scale: float = 1.0) -> list[dict]:
+def param_groups(model: torch.nn.Module, weight_decay: float, lr: float,
+                 fusion_lr_scale: float = 1.0) -> list[dict]:
     """AdamW groups: no decay on norms, biases, embeddings, positions and the temperature; the parameters a
     model lists in ``fusion_parameters()`` (fusion layers and the heads on them) at ``lr * fusion_lr_scale``."""
     skip = set()
