@@ -232,6 +232,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.precision={cfg.train.precision!r}: use fp32 or bf16")
     if cfg.train.fusion_lr_scale <= 0:
         raise ConfigError(f"train.fusion_lr_scale={cfg.train.fusion_lr_scale}: must be > 0 (1 = the base lr)")
+    if cfg.model.queue_size > 0 and cfg.model.momentum <= 0:
+        # Measured: without the EMA teacher the queue holds stale online features that the drifting encoder
+        # separates trivially, the temperature falls to its 0.001 clamp and ITC stays at chance.
+        raise ConfigError(f"model.queue_size={cfg.model.queue_size} needs model.momentum > 0: the queue holds the "
+                          "momentum encoder's features, and with model.momentum=0 ITC collapses; set "
+                          "model.queue_size=0 or model.momentum=0.995")
     if cfg.data.on_error not in ("skip", "raise"):
         raise ConfigError(f"data.on_error={cfg.data.on_error!r}: use skip or raise")
 

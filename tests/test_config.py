@@ -28,6 +28,9 @@ def test_wrong_types_and_values_are_rejected(tmp_path):
         load_config(None, ["train.precision=fp8"])
     with pytest.raises(ConfigError, match="train.fusion_lr_scale"):
         load_config(None, ["train.fusion_lr_scale=0"])
+    with pytest.raises(ConfigError, match="model.queue_size=256 needs model.momentum > 0"):
+        load_config(None, ["model.momentum=0", "model.queue_size=256"])
+    assert load_config(None, ["model.momentum=0", "model.queue_size=0"]).model.queue_size == 0
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
     with pytest.raises(ConfigError, match="task"):

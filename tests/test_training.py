@@ -101,7 +101,7 @@ def test_missing_data_is_a_clear_error(tmp_path, tiny_overrides):
 
 def test_two_processes_match_one_process_at_step_zero(tmp_path, tiny_overrides):
     overrides = tiny_overrides + ["train.max_steps=1", "train.batch_size=16", "train.tasks={image_text: 1.0}",
-                                  "model.momentum=0"]
+                                  "model.momentum=0", "model.queue_size=0"]
     single = tmp_path / "single"
     assert _train(single, overrides, "--no-eval").returncode == 0
     double = tmp_path / "double"
