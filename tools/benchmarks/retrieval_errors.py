@@ -1,0 +1,136 @@
+"""Where a trained model's ShapesWorld text->image retrieval fails, and which side is the bottleneck.
+
+`python tools/bench.py retrieval_errors --run DIR --json F [--probe-images 12000]`
+
+* `r1_by_objects`: ITC img_r1 by the number of objects in the true scene;
+* `errors`: each wrong top-1 image compared with the true scene: another number of objects, another set of
+  colour-shape pairs, the same pairs re-bound, or the same pairs at another size / position;
+* `probe_exact_set`: linear probes (48 colour-shape pairs, trained on frozen ITC features of train images,
+  scored on the test split) that must name a scene's exact pair set, given its number of objects, from the
+  image feature and from a caption's feature. The weaker side is the one retrieval waits for.
+"""
+
+import collections
+import json
+import tempfile
+from pathlib import Path
+
+
+def add_arguments(parser):
+    parser.add_argument("--run", type=Path, required=True, help="a run directory written by tools/train.py")
+    parser.add_argument("--probe-images", type=int, default=12000)
+    parser.add_argument("--threads", type=int, default=2)
+
+
+def _features(model, cfg, entries: list[dict]):
+    from mmfm.data import RetrievalEvalDataset
+    from mmfm.evaluation.retrieval import encode_media, encode_texts
+    from mmfm.factory import _dataset_kwargs, _eval_loader, _transforms
+
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as handle:
+        json.dump(entries, handle)
+        handle.flush()
+        dataset = RetrievalEvalDataset(handle.name, transform=_transforms(cfg, False), **_dataset_kwargs(cfg))
+        _, image_feats, order = encode_media(model, _eval_loader(dataset, cfg), "image")
+    image_feats = image_feats[sorted(range(len(order)), key=order.__getitem__)]
+    _, text_feats = encode_texts(model, [c for e in entries for c in e["caption"]])
+    return image_feats, text_feats
+
+
+def _pairs(scene: dict) -> frozenset:
+    return frozenset((o["color"], o["shape"]) for o in scene["objects"])
+
+
+def _error_kind(true: dict, got: dict) -> str:
+    if len(true["objects"]) != len(got["objects"]):
+        return "object count"
+    if _pairs(true) != _pairs(got):
+        same_words = (sorted(c for c, _ in _pairs(true)) == sorted(c for c, _ in _pairs(got))
+                      and sorted(s for _, s in _pairs(true)) == sorted(s for _, s in _pairs(got)))
+        return "pairs re-bound" if same_words else "colour-shape set"
+    sized = {(o["color"], o["shape"], o["size"]) for o in true["objects"]}
+    return "size" if sized != {(o["color"], o["shape"], o["size"]) for o in got["objects"]} else "position"
+
+
+def _probe(train_x, train_y, test_x, test_y, steps: int = 500) -> float:
+    """Exact-set accuracy (%) of a linear multi-label probe that names the top-k pairs, k = object count."""
+    import torch
+    import torch.nn.functional as F
+
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+    train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
+    probe = torch.nn.Linear(train_x.shape[1], train_y.shape[1])
+    optimizer = torch.optim.Adam(probe.parameters(), lr=0.01)
+    for _ in range(steps):
+        loss = F.binary_cross_entropy_with_logits(probe(train_x), train_y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        ranked = probe(test_x).argsort(1, descending=True)
+    counts = test_y.sum(1).long()
+    hits = [set(ranked[i, :counts[i]].tolist()) == set(test_y[i].nonzero().flatten().tolist())
+            for i in range(len(test_y))]
+    return round(100 * sum(hits) / len(hits), 1)
+
+
+def _labels(scenes: list[dict]):
+    import torch
+
+    from mmfm.data.shapes import ALL_PAIRS
+
+    labels = torch.zeros(len(scenes), len(ALL_PAIRS))
+    for row, scene in enumerate(scenes):
+        for pair in _pairs(scene):
+            labels[row, ALL_PAIRS.index(pair)] = 1
+    return labels
+
+
+def _train_entries(annotations: Path, count: int) -> list[dict]:
+    grouped: dict[str, dict] = {}
+    for entry in json.loads((annotations / "retrieval_train.json").read_text()):
+        item = grouped.setdefault(entry["image"], {"image": entry["image"], "image_id": entry["image_id"],
+                                                   "caption": []})
+        item["caption"].append(entry["caption"])
+    return list(grouped.values())[:count]
+
+
+def run(args) -> dict:
+    import torch
+
+    from mmfm.config import load_config
+    from mmfm.factory import load_checkpoint_model
+
+    torch.set_num_threads(args.threads)
+    cfg = load_config(args.run / "config.yaml")
+    model = load_checkpoint_model(args.run).eval()
+    annotations = Path(cfg.data.root) / "annotations"
+    scene_of = {s["image"]: s for split in ("train", "test")
+                for s in json.loads((annotations / f"scenes_{split}.json").read_text())}
+    test = json.loads((annotations / "retrieval_test.json").read_text())
+    train = _train_entries(annotations, args.probe_images)
+    with torch.no_grad():
+        test_images, test_texts = _features(model, cfg, test)
+        train_images, train_texts = _features(model, cfg, train)
+    owner = [i for i, e in enumerate(test) for _ in e["caption"]]
+    top = (test_texts @ test_images.t()).argmax(1).tolist()
+    errors, by_objects, totals = collections.Counter(), collections.Counter(), collections.Counter()
+    for i, j in zip(owner, top):
+        true = scene_of[test[i]["image"]]
+        totals[len(true["objects"])] += 1
+        if i != j:
+            by_objects[len(true["objects"])] += 1
+            errors[_error_kind(true, scene_of[test[j]["image"]])] += 1
+    train_y = _labels([scene_of[e["image"]] for e in train])
+    test_y = _labels([scene_of[e["image"]] for e in test])
+    per_caption = len(test[0]["caption"])
+    return {
+        "run": str(args.run), "itc_img_r1": round(100 * (1 - sum(errors.values()) / len(owner)), 2),
+        "r1_by_objects": {n: round(100 * (1 - by_objects[n] / totals[n]), 1) for n in sorted(totals)},
+        "errors": dict(errors.most_common()),
+        "probe_exact_set": {
+            "image": _probe(train_images, train_y, test_images, test_y),
+            "text": _probe(train_texts, train_y.repeat_interleave(per_caption, 0), test_texts,
+                           test_y.repeat_interleave(per_caption, 0)),
+        },
+    }
