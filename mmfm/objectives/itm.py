@@ -29,8 +29,8 @@ def sample_hard_negatives(sim: torch.Tensor, row_ids: torch.Tensor, col_ids: tor
 
 
 def _select(tokens: TokenBatch, index: torch.Tensor) -> TokenBatch:
-    mask = None if tokens.mask is None else tokens.mask[index]
-    return TokenBatch(tokens.x[index], mask, tokens.roll)
+    mask = None if tokens.mask is None else tokens.mask.index_select(0, index)
+    return TokenBatch(tokens.x.index_select(0, index), mask, tokens.roll)
 
 
 def itm_loss(model, text: TokenBatch, vision: FusionContext, sim_t2v: torch.Tensor, sim_v2t: torch.Tensor,
