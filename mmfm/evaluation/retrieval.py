@@ -41,17 +41,12 @@ def encode_media(model, loader, key: str, quiet: bool = True) -> tuple[TokenBatc
     return TokenBatch(torch.cat(xs), roll=roll), torch.cat(feats), indices
 
 
-def _rows(tokens: TokenBatch, index) -> TokenBatch:
-    mask = None if tokens.mask is None else tokens.mask[index]
-    return TokenBatch(tokens.x[index], mask, tokens.roll)
-
-
 @torch.no_grad()
 def itm_scores(model, text: TokenBatch, vision: FusionContext, text_idx, vision_idx, batch_size: int = 256):
     """Positive-class ITM logits of the (text_idx[i], vision_idx[i]) pairs; ``vision`` is a fusion context."""
     out = []
     for start in range(0, len(text_idx), batch_size):
-        t = _rows(text, text_idx[start:start + batch_size])
+        t = text.select(text_idx[start:start + batch_size])
         v = vision.select(vision_idx[start:start + batch_size])
         out.append(model.itm_logits(t, v)[:, 1].float())
     return torch.cat(out) if out else torch.zeros(0)
@@ -107,7 +102,7 @@ def evaluate_retrieval(model, loader, dataset, key: str = "image", k_test: int =
     """Full retrieval evaluation of a RetrievalEvalDataset (or its video twin) through ``loader``."""
     vision, vision_feat, indices = encode_media(model, loader, key, quiet)
     order = np.argsort(indices)
-    vision = _rows(vision, torch.as_tensor(order, device=vision.x.device))
+    vision = vision.select(order)
     vision_feat = vision_feat[torch.as_tensor(order, device=vision_feat.device)]
     text, text_feat = encode_texts(model, dataset.texts)
     v2t, t2v = rerank_scores(model, vision, vision_feat, text, text_feat, k_test, quiet)

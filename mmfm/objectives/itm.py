@@ -28,11 +28,6 @@ def sample_hard_negatives(sim: torch.Tensor, row_ids: torch.Tensor, col_ids: tor
     return torch.multinomial(weights, 1).squeeze(1)
 
 
-def _select(tokens: TokenBatch, index: torch.Tensor) -> TokenBatch:
-    mask = None if tokens.mask is None else tokens.mask.index_select(0, index)
-    return TokenBatch(tokens.x.index_select(0, index), mask, tokens.roll)
-
-
 def itm_loss(model, text: TokenBatch, vision: FusionContext, sim_t2v: torch.Tensor, sim_v2t: torch.Tensor,
              ids: torch.Tensor, caption_negatives: tuple[TokenBatch, torch.Tensor] | None = None,
              ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,7 +40,7 @@ def itm_loss(model, text: TokenBatch, vision: FusionContext, sim_t2v: torch.Tens
     neg_vision = sample_hard_negatives(sim_t2v, ids, ids)
     neg_text = sample_hard_negatives(sim_v2t, ids, ids)
     arange = torch.arange(len(ids), device=ids.device)
-    text_all = _select(text, torch.cat([arange, arange, neg_text]))
+    text_all = text.select(torch.cat([arange, arange, neg_text]))
     vision_rows = [arange, neg_vision, arange]
     labels = [torch.ones_like(ids), (ids == ids[neg_vision]).long(), (ids[neg_text] == ids).long()]
     if caption_negatives is not None:
