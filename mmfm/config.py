@@ -67,6 +67,7 @@ class DataConfig:
     hflip: bool = True
     crop_scale: list = field(default_factory=lambda: [0.5, 1.0])  # random-resized-crop area; [1, 1] = no crop
     negative_words: list = field(default_factory=list)  # word groups for ITM caption negatives (data/negatives.py)
+    negative_replace_prob: float = 0.0  # share of caption negatives that replace a word instead of swapping two
     qa_with_captions: bool = False   # image/video-text samples also carry one of their questions (data.vqa, ...)
     mean: list = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list = field(default_factory=lambda: [0.229, 0.224, 0.225])

@@ -108,13 +108,15 @@ def _dataset_kwargs(cfg: Config) -> dict:
     return {"root": cfg.data.root, "seed": cfg.train.seed, "on_error": cfg.data.on_error}
 
 
-def _caption_negatives(word_groups: list) -> CaptionNegatives | None:
+def _caption_negatives(word_groups: list, replace_prob: float = 0.0) -> CaptionNegatives | None:
     if not word_groups:
         return None
     if not all(isinstance(g, list) and all(isinstance(w, str) for w in g) for g in word_groups):
         raise ConfigError("data.negative_words must be a list of word groups, e.g. [[red, green], [circle, star]]")
+    if not 0.0 <= replace_prob <= 1.0:
+        raise ConfigError(f"data.negative_replace_prob={replace_prob}: give a probability in [0, 1]")
     try:
-        return CaptionNegatives(word_groups)
+        return CaptionNegatives(word_groups, replace_prob)
     except ValueError as err:
         raise ConfigError(f"data.negative_words: {err}") from None
 
@@ -123,7 +125,7 @@ def build_streams(cfg: Config, tokenizer, world_size: int = 1) -> dict[str, Stre
     """One Stream per weighted task stream of the config, with per-process batch sizes."""
     kwargs, transform = _dataset_kwargs(cfg), _transforms(cfg, train=True)
     frames = cfg.data.num_frames
-    negatives = _caption_negatives(cfg.data.negative_words)
+    negatives = _caption_negatives(cfg.data.negative_words, cfg.data.negative_replace_prob)
     answer_sets = {
         "vqa": lambda: VQADataset(_path(cfg, cfg.data.vqa), transform=transform,
                                   answer_list=cfg.model.answers["vqa"], **kwargs),

@@ -46,3 +46,5 @@ def test_bad_crop_scale_and_negative_words_name_their_key():
         _caption_negatives(["red", "green"])
     with pytest.raises(ConfigError, match=r"data\.negative_words.*two words"):
         _caption_negatives([["red"]])
+    with pytest.raises(ConfigError, match=r"data\.negative_replace_prob"):
+        _caption_negatives([["red", "green"]], replace_prob=1.5)

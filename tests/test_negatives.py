@@ -41,6 +41,23 @@ def test_a_swap_that_describes_the_same_scene_is_replaced_instead():
         assert replacement != original and any({original, replacement} <= set(g) for g in GROUPS)
 
 
+def test_replace_prob_mixes_one_word_replacements_into_the_swaps():
+    caption = "a red circle left of a blue square"
+    words = caption.split()
+
+    def replaced(negative):
+        changed = [(a, b) for a, b in zip(words, negative.split()) if a != b]
+        return len(changed) == 1 and any({a, b} <= set(g) for g in GROUPS for a, b in changed)
+
+    always = CaptionNegatives(GROUPS, replace_prob=1.0)
+    assert all(replaced(always(caption, _rng(seed))) for seed in range(50))
+    never = CaptionNegatives(GROUPS)
+    assert not any(replaced(never(caption, _rng(seed))) for seed in range(50))
+    half = CaptionNegatives(GROUPS, replace_prob=0.5)
+    share = sum(replaced(half(caption, _rng(seed))) for seed in range(2000)) / 2000
+    assert 0.45 < share < 0.55
+
+
 def test_caption_without_group_words_has_no_negative():
     negatives = CaptionNegatives(GROUPS)
     assert negatives("an empty picture", _rng()) is None

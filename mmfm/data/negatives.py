@@ -10,6 +10,11 @@ caption itself, given groups of interchangeable words (colours, shapes, sizes, .
 - otherwise replace one group word by another word of its group ("a large red circle" -> "a large green
   circle").
 
+With ``replace_prob`` p, a share p of the negatives is a one-word replacement whatever the caption. A
+swap keeps every word, so the image can reject it by knowing which colour goes with which shape only
+among the objects it holds; a replacement names an object that is not there ("a red circle" -> "a red
+star"), so rejecting it needs the image to know what each object is.
+
 Captions without any group word get no negative.
 """
 
@@ -23,7 +28,8 @@ _WORD = re.compile(r"[A-Za-z]+")
 
 
 class CaptionNegatives:
-    def __init__(self, word_groups: list[list[str]]):
+    def __init__(self, word_groups: list[list[str]], replace_prob: float = 0.0):
+        self.replace_prob = replace_prob
         self.group_of: dict[str, int] = {}
         self.groups = [sorted({w.lower() for w in group}) for group in word_groups]
         for index, group in enumerate(self.groups):
@@ -37,6 +43,8 @@ class CaptionNegatives:
         spans = [m for m in _WORD.finditer(caption) if m.group().lower() in self.group_of]
         if not spans:
             return None
+        if self.replace_prob > 0 and rng.random() < self.replace_prob:
+            return self._replace(caption, spans, rng)
         return self._swap(caption, spans, rng) or self._replace(caption, spans, rng)
 
     def _swap(self, caption: str, spans: list[re.Match], rng: np.random.Generator) -> str | None:
