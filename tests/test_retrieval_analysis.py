@@ -53,3 +53,27 @@ def test_error_kinds_name_what_differs_between_the_true_and_the_retrieved_scene(
     assert kind(true, {"objects": rebound}) == "pairs re-bound"
     assert kind(true, {"objects": [red_circle, _obj("blue", "square", "small", 1, 1)]}) == "size"
     assert kind(true, {"objects": [red_circle, _obj("blue", "square", "large", 2, 2)]}) == "position"
+
+
+def test_retrieval_grid_frames_the_true_image_green_and_the_others_red(tmp_path):
+    import torch
+    from PIL import Image
+
+    errors = _bench_module("retrieval_errors")
+    entries = []
+    for i, color in enumerate([(255, 0, 0), (0, 0, 255), (255, 255, 0)]):
+        Image.new("RGB", (64, 64), color).save(tmp_path / f"{i}.png")
+        entries.append({"image": f"{i}.png", "caption": [f"caption {i}"]})
+    scores = torch.tensor([[0.9, 0.1, 0.0],    # caption 0: its own image first
+                           [0.9, 0.2, 0.1],    # caption 1: image 0 first, its own second
+                           [0.0, 0.1, 0.9]])
+    out = tmp_path / "grid" / "top.png"
+    errors.retrieval_grid(entries, tmp_path, scores, [0, 1], out, k=2)
+    grid = Image.open(out).convert("RGB")
+    cell, text = errors.GRID_CELL, errors.GRID_TEXT
+    assert grid.size == (2 * cell, 2 * (text + cell))
+    green, red = (0, 170, 0), (200, 0, 0)
+    assert grid.getpixel((1, text + 1)) == green and grid.getpixel((cell + 1, text + 1)) == red
+    second = 2 * text + cell
+    assert grid.getpixel((1, second + 1)) == red and grid.getpixel((cell + 1, second + 1)) == green
+    assert grid.getpixel((cell // 2, second + cell // 2)) == (255, 0, 0), "image 0 ranked first for caption 1"

@@ -8,6 +8,9 @@
 * `probe_exact_set`: linear probes (48 colour-shape pairs, trained on frozen ITC features of train images,
   scored on the test split) that must name a scene's exact pair set, given its number of objects, from the
   image feature and from a caption's feature. The weaker side is the one retrieval waits for.
+
+With `--grid PNG` it also draws the ITC top-5 images of 8 test captions (the first images' captions, one
+template each, not chosen by outcome), the true image framed in green, the others in red.
 """
 
 import collections
@@ -20,6 +23,32 @@ def add_arguments(parser):
     parser.add_argument("--run", type=Path, required=True, help="a run directory written by tools/train.py")
     parser.add_argument("--probe-images", type=int, default=12000)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--grid", type=Path, help="also write a PNG of the top-5 images of 8 test captions")
+
+
+GRID_CELL, GRID_BORDER, GRID_TEXT = 96, 4, 18
+
+
+def retrieval_grid(entries: list[dict], root: Path, scores, caption_rows: list[int], path: Path, k: int = 5):
+    """Rows of (caption, its top-k images by ``scores`` (captions x images)); the true image framed green."""
+    from PIL import Image, ImageDraw
+
+    owner = [i for i, e in enumerate(entries) for _ in e["caption"]]
+    texts = [c for e in entries for c in e["caption"]]
+    row_height = GRID_TEXT + GRID_CELL
+    grid = Image.new("RGB", (k * GRID_CELL, len(caption_rows) * row_height), "white")
+    draw = ImageDraw.Draw(grid)
+    for row, caption in enumerate(caption_rows):
+        top = row * row_height
+        draw.text((2, top + 3), texts[caption], fill="black")
+        for rank, image in enumerate(scores[caption].topk(k).indices.tolist()):
+            cell = Image.open(root / entries[image]["image"]).convert("RGB")
+            inner = GRID_CELL - 2 * GRID_BORDER
+            framed = Image.new("RGB", (GRID_CELL, GRID_CELL), (0, 170, 0) if image == owner[caption] else (200, 0, 0))
+            framed.paste(cell.resize((inner, inner), Image.NEAREST), (GRID_BORDER, GRID_BORDER))
+            grid.paste(framed, (rank * GRID_CELL, top + GRID_TEXT))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
 
 
 def _features(model, cfg, entries: list[dict]):
@@ -113,7 +142,11 @@ def run(args) -> dict:
         test_images, test_texts = _features(model, cfg, test)
         train_images, train_texts = _features(model, cfg, train)
     owner = [i for i, e in enumerate(test) for _ in e["caption"]]
-    top = (test_texts @ test_images.t()).argmax(1).tolist()
+    scores = test_texts @ test_images.t()
+    top = scores.argmax(1).tolist()
+    if args.grid:
+        per_image = len(test[0]["caption"])
+        retrieval_grid(test, Path(cfg.data.root), scores, [i * per_image + i % per_image for i in range(8)], args.grid)
     errors, by_objects, totals = collections.Counter(), collections.Counter(), collections.Counter()
     for i, j in zip(owner, top):
         true = scene_of[test[i]["image"]]
