@@ -77,3 +77,18 @@ def test_retrieval_grid_frames_the_true_image_green_and_the_others_red(tmp_path)
     second = 2 * text + cell
     assert grid.getpixel((1, second + 1)) == red and grid.getpixel((cell + 1, second + 1)) == green
     assert grid.getpixel((cell // 2, second + cell // 2)) == (255, 0, 0), "image 0 ranked first for caption 1"
+
+
+def test_rerank_r1_orders_the_candidates_by_each_score():
+    import torch
+
+    rerank_r1 = _bench_module("retrieval_errors").rerank_r1
+    candidates = torch.tensor([[4, 7], [2, 5], [9, 1]])  # each caption's top-2 images by ITC
+    itc = torch.tensor([[0.9, 0.8], [0.7, 0.6], [0.5, 0.4]])
+    itm = torch.tensor([[-1.0, 2.0], [-2.0, 1.0], [0.0, 0.0]])
+    truth = torch.tensor([7, 2, 3])  # caption 2's true image is not a candidate
+    result = rerank_r1(candidates, itc, itm, truth)
+    assert result == {"itc": 33.33, "itm": 33.33, "itm_plus_itc": 33.33, "true_in_candidates": 66.67}
+    result = rerank_r1(candidates, itc, torch.tensor([[0.0, 0.2], [0.0, 0.05], [0.0, 0.0]]), truth)
+    assert result["itm"] == 33.33
+    assert result["itm_plus_itc"] == 66.67, "the sum keeps ITC's hit on caption 1 and adds ITM's on caption 0"

@@ -7,7 +7,10 @@
   colour-shape pairs, the same pairs re-bound, or the same pairs at another size / position;
 * `probe_exact_set`: linear probes (48 colour-shape pairs, trained on frozen ITC features of train images,
   scored on the test split) that must name a scene's exact pair set, given its number of objects, from the
-  image feature and from a caption's feature. The weaker side is the one retrieval waits for.
+  image feature and from a caption's feature. The weaker side is the one retrieval waits for;
+* `rerank_img_r1` (fused models): img_r1 when each caption's ITC top-`eval.k_test` images are re-ranked by
+  ITC alone, by ITM alone and by their sum (the evaluation's score), with the share of captions whose true
+  image is among the candidates: what the fusion layers add over the unimodal features.
 
 With `--grid PNG` it also draws the ITC top-5 images of 8 test captions (the first images' captions, one
 template each, not chosen by outcome), the true image framed in green, the others in red.
@@ -51,7 +54,30 @@ def retrieval_grid(entries: list[dict], root: Path, scores, caption_rows: list[i
     grid.save(path)
 
 
+def rerank_r1(candidates, itc, itm, truth) -> dict:
+    """img_r1 (%) when each caption's candidate images (captions x k indices) are ordered by ``itc``, by
+    ``itm`` and by their sum, and the share of captions whose true image (``truth``) is a candidate."""
+    out = {}
+    for name, score in (("itc", itc), ("itm", itm), ("itm_plus_itc", itm + itc)):
+        best = candidates.gather(1, score.argmax(1, keepdim=True)).squeeze(1)
+        out[name] = round(100 * (best == truth).float().mean().item(), 2)
+    out["true_in_candidates"] = round(100 * (candidates == truth[:, None]).any(1).float().mean().item(), 2)
+    return out
+
+
+def _rerank(model, image_tokens, text_tokens, scores, owner: list[int], k: int) -> dict:
+    import torch
+
+    from mmfm.evaluation.retrieval import itm_scores
+
+    top_sim, candidates = scores.topk(k, dim=1)
+    rows = torch.arange(len(scores)).repeat_interleave(k)
+    itm = itm_scores(model, text_tokens, model.fusion_context(image_tokens), rows, candidates.reshape(-1))
+    return rerank_r1(candidates, top_sim, itm.view(-1, k), torch.tensor(owner))
+
+
 def _features(model, cfg, entries: list[dict]):
+    """(image tokens, image features, text tokens, text features) of entries, images in entry order."""
     from mmfm.data import RetrievalEvalDataset
     from mmfm.evaluation.retrieval import encode_media, encode_texts
     from mmfm.factory import _dataset_kwargs, _eval_loader, _transforms
@@ -60,10 +86,10 @@ def _features(model, cfg, entries: list[dict]):
         json.dump(entries, handle)
         handle.flush()
         dataset = RetrievalEvalDataset(handle.name, transform=_transforms(cfg, False), **_dataset_kwargs(cfg))
-        _, image_feats, order = encode_media(model, _eval_loader(dataset, cfg), "image")
-    image_feats = image_feats[sorted(range(len(order)), key=order.__getitem__)]
-    _, text_feats = encode_texts(model, [c for e in entries for c in e["caption"]])
-    return image_feats, text_feats
+        image_tokens, image_feats, order = encode_media(model, _eval_loader(dataset, cfg), "image")
+    in_entry_order = sorted(range(len(order)), key=order.__getitem__)
+    text_tokens, text_feats = encode_texts(model, [c for e in entries for c in e["caption"]])
+    return image_tokens.select(in_entry_order), image_feats[in_entry_order], text_tokens, text_feats
 
 
 def _pairs(scene: dict) -> frozenset:
@@ -139,8 +165,8 @@ def run(args) -> dict:
     test = json.loads((annotations / "retrieval_test.json").read_text())
     train = _train_entries(annotations, args.probe_images)
     with torch.no_grad():
-        test_images, test_texts = _features(model, cfg, test)
-        train_images, train_texts = _features(model, cfg, train)
+        test_image_tokens, test_images, test_text_tokens, test_texts = _features(model, cfg, test)
+        _, train_images, _, train_texts = _features(model, cfg, train)
     owner = [i for i, e in enumerate(test) for _ in e["caption"]]
     scores = test_texts @ test_images.t()
     top = scores.argmax(1).tolist()
@@ -157,6 +183,11 @@ def run(args) -> dict:
     train_y = _labels([scene_of[e["image"]] for e in train])
     test_y = _labels([scene_of[e["image"]] for e in test])
     per_caption = len(test[0]["caption"])
+    rerank = {}
+    if model.cfg.fusion_layer < model.cfg.depth:
+        with torch.no_grad():
+            rerank = {"rerank_img_r1": _rerank(model, test_image_tokens, test_text_tokens, scores, owner,
+                                               cfg.eval.k_test)}
     return {
         "run": str(args.run), "itc_img_r1": round(100 * (1 - sum(errors.values()) / len(owner)), 2),
         "r1_by_objects": {n: round(100 * (1 - by_objects[n] / totals[n]), 1) for n in sorted(totals)},
@@ -166,4 +197,5 @@ def run(args) -> dict:
             "text": _probe(train_texts, train_y.repeat_interleave(per_caption, 0), test_texts,
                            test_y.repeat_interleave(per_caption, 0)),
         },
+        **rerank,
     }
