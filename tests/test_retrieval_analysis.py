@@ -1,4 +1,4 @@
-"""tools/bench.py retrieval_ceiling and retrieval_errors: the oracle's recall and the error taxonomy."""
+"""tools/bench.py retrieval_ceiling, retrieval_errors, budget_curve: oracle, error taxonomy, budget plot."""
 
 import importlib.util
 import random
@@ -92,3 +92,33 @@ def test_rerank_r1_orders_the_candidates_by_each_score():
     result = rerank_r1(candidates, itc, torch.tensor([[0.0, 0.2], [0.0, 0.05], [0.0, 0.0]]), truth)
     assert result["itm"] == 33.33
     assert result["itm_plus_itc"] == 66.67, "the sum keeps ITC's hit on caption 1 and adds ITM's on caption 0"
+
+
+def _fake_run(root: Path, name: str, fusion_layer: int, seconds: float, img_r1: float) -> Path:
+    import json
+
+    import yaml
+
+    run = root / name
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": {"depth": 5, "fusion_layer": fusion_layer}}))
+    (run / "metrics.json").write_text(json.dumps({"train_seconds": seconds, "img_r1": img_r1, "txt_r1": 1.0}))
+    return run
+
+
+def test_budget_curve_groups_runs_by_model_kind_in_minute_order(tmp_path):
+    import pytest
+
+    curve = _bench_module("budget_curve")
+    runs = [_fake_run(tmp_path, "fused20", 3, 1200.2, 46.1), _fake_run(tmp_path, "fused5", 3, 300.3, 32.1),
+            _fake_run(tmp_path, "dual10", 5, 601.0, 41.2)]
+    series = curve.budget_points(runs)
+    assert [p["minutes"] for p in series["fused"]] == [5.0, 20.0]
+    assert [p["img_r1"] for p in series["fused"]] == [32.1, 46.1]
+    assert series["contrastive-only"] == [{"run": str(runs[2]), "minutes": 10.0, "img_r1": 41.2}]
+    curve.plot(series, tmp_path / "plots" / "budget.png")
+    assert (tmp_path / "plots" / "budget.png").stat().st_size > 1000
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.yaml").write_text("model: {depth: 5, fusion_layer: 3}\n")
+    with pytest.raises(SystemExit, match="empty/metrics.json does not exist"):
+        curve.budget_points([tmp_path / "empty"])
