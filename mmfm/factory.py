@@ -51,10 +51,19 @@ def _path(cfg: Config, relative: str) -> str:
     return path
 
 
+def _questions_ride_along(cfg: Config) -> bool:
+    return cfg.data.qa_with_captions and cfg.model.fusion_layer < cfg.model.depth
+
+
 def answer_heads(cfg: Config, streams) -> set[str]:
-    """The answer heads a run trains: its answer streams, plus those fed by ``data.qa_with_captions``."""
+    """The answer heads a run trains: its answer streams, plus those fed by ``data.qa_with_captions``.
+
+    Questions riding on alignment batches train a head only through the fusion layers, so a
+    contrastive-only model (``model.fusion_layer`` = depth) gets no head from them, and no VQA figures
+    from a head it never trained.
+    """
     heads = {s for s in streams if s in ANSWER_HEAD_OF.values()}
-    if cfg.data.qa_with_captions:
+    if _questions_ride_along(cfg):
         heads |= {ANSWER_HEAD_OF[s] for s in streams if s in ANSWER_HEAD_OF}
     return heads
 
@@ -134,7 +143,7 @@ def build_streams(cfg: Config, tokenizer, world_size: int = 1) -> dict[str, Stre
     }
 
     def questions(stream: str) -> QuestionBank | None:
-        return QuestionBank(answer_sets[ANSWER_HEAD_OF[stream]]()) if cfg.data.qa_with_captions else None
+        return QuestionBank(answer_sets[ANSWER_HEAD_OF[stream]]()) if _questions_ride_along(cfg) else None
 
     makers = {
         **answer_sets,

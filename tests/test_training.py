@@ -145,3 +145,25 @@ def test_fusion_lr_scale_speeds_up_only_the_fusion_layers_and_their_heads():
     optimizer.step()
     scheduler.step()
     assert sorted({round(lr / min(scheduler.get_last_lr()), 6) for lr in scheduler.get_last_lr()}) == [1.0, 5.0]
+
+
+def test_questions_on_alignment_batches_train_answer_heads_only_through_fusion_layers():
+    from mmfm.config import load_config
+    from mmfm.factory import answer_heads
+
+    demo = ROOT / "configs" / "demo_shapes.yaml"
+    streams = ["image_text", "video_text"]
+    assert answer_heads(load_config(demo, []), streams) == {"vqa", "video_qa"}
+    contrastive_only = load_config(demo, ["model.fusion_layer=5"])
+    assert answer_heads(contrastive_only, streams) == set(), "the ablation's heads would never be trained"
+    assert answer_heads(contrastive_only, [*streams, "vqa"]) == {"vqa"}, "a VQA stream trains its head itself"
+
+
+def test_contrastive_only_ablation_trains_and_reports_no_answer_figures(tmp_path, tiny_overrides):
+    out = tmp_path / "dual"
+    result = _train(out, tiny_overrides + ["model.fusion_layer=3", "train.max_steps=4",
+                                           "eval.metrics=[retrieval, binding, vqa, video_qa]"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"img_r1", "txt_r1", "binding_acc"} <= set(metrics)
+    assert not {"vqa_acc", "videoqa_acc", "itc_img_r1"} & set(metrics), "no fusion: no ITM re-rank, no answer heads"
