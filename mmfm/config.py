@@ -2,8 +2,10 @@
 
     cfg = load_config("configs/demo_shapes.yaml", ["train.max_steps=50", "data.root=/data/shapes"])
 
-A config has four blocks (``model``, ``data``, ``train``, ``eval``) and a ``task``. Every key is declared
-below with its default; a misspelt key fails with the closest valid name.
+A config has five blocks: ``model`` (an architecture: ``model.arch`` names a preset of
+``mmfm/architectures`` and the block's other keys override it), ``objective``, ``data``, ``train`` (whose
+``tasks`` maps task streams of ``mmfm.tasks.list_tasks()`` to mixing weights) and ``eval``. Every key is
+declared below with its default; a misspelt key fails with the closest valid name.
 """
 
 import dataclasses
@@ -16,12 +18,15 @@ import yaml
 
 from mmfm.errors import ConfigError
 
-TASKS = ("pretrain", "retrieval", "vqa", "video_qa", "multitask", "segmentation", "eval")
-TRAIN_STREAMS = ("image_text", "video_text", "vqa", "video_qa", "segmentation")
+FAMILIES = ("mmfm", "segmentation")
 
 
 @dataclass
 class ModelConfig:
+    """An mmfm architecture (what a checkpoint stores): a preset from ``mmfm/architectures`` + overrides."""
+
+    arch: str = ""                   # a preset name (mmfm.list_models(pretrained=False)); keys below override it
+    family: str = "mmfm"
     width: int = 192
     depth: int = 6
     heads: int = 3
@@ -36,20 +41,44 @@ class ModelConfig:
     drop_path: float = 0.0
     rolling: bool = True             # temporal token rolling for videos, unimodal and joint passes
     text_bigram: bool = True         # add a projection of the previous word to each text token (word order)
-    init: str = ""                   # "", "timm:<vit name>" (ImageNet ViT weights), or an mmfm checkpoint
-    attention_backend: str = "auto"  # auto | xformers | sdpa | math
-    backbone: str = ""               # a timm model name that replaces the patch embedding
-    backbone_kwargs: dict = field(default_factory=dict)
-    temp: float = 0.07
+    vision_tokenizer: str = "patch"  # mmfm.list_vision_tokenizers(): patch | conv | backbone | tubelet
+    vision_tokenizer_kwargs: dict = field(default_factory=dict)
     itm_pair_features: bool = False  # ITM also reads the product of the pair's ITC features (models/model.py)
     answer_pair_features: bool = False  # answer heads also read question [CLS] * image [CLS] (MLB pooling)
-    momentum: float = 0.995
-    queue_size: int = 4096
-    alpha: float = 0.4
+
+    @property
+    def fuses(self) -> bool:
+        """Whether the architecture has fusion layers (ITM, MLM and answer heads need them)."""
+        return self.fusion_layer < self.depth
+
+
+@dataclass
+class SegmentationModelConfig:
+    """A timm dense-prediction network (``family: segmentation``, e.g. P2AT) and its number of classes."""
+
+    arch: str = ""
+    family: str = "segmentation"
+    backbone: str = "p2at_small"
+    backbone_kwargs: dict = field(default_factory=dict)
+    num_classes: int = 7             # classes including background
+    fuses = False
+
+
+MODEL_CONFIGS = {"mmfm": ModelConfig, "segmentation": SegmentationModelConfig}
+
+
+@dataclass
+class ObjectiveConfig:
+    """ALBEF's objective settings: the run's training knobs, not part of the architecture."""
+
+    temp: float = 0.07               # initial ITC temperature (learnable, clamped to [0.001, 0.5])
+    momentum: float = 0.995          # EMA of the momentum encoder; 0 = no momentum encoder
+    queue_size: int = 4096           # momentum features kept per alignment stream; 0 = none
+    alpha: float = 0.4               # momentum-distillation weight, ramped from 0
+    alpha_warmup_steps: int = 0      # optimizer steps of the ramp; 0 = one epoch of the first stream
     mlm_prob: float = 0.15
-    answers: dict = field(default_factory=dict)  # head name -> answer list (filled from the data)
-    preprocess: dict = field(default_factory=dict)  # image_size, mean, std, num_frames (filled from the data)
-    num_classes: int = 0             # segmentation classes (task: segmentation)
+    itc_positives: str = "image_id"  # image_id: every key of the same image/video; diagonal: ALBEF pretraining
+    loss_weights: dict = field(default_factory=lambda: {"itc": 1.0, "itm": 1.0, "mlm": 1.0, "qa": 1.0})
 
 
 @dataclass
@@ -78,7 +107,8 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    tasks: dict = field(default_factory=dict)  # stream -> mixing weight; empty = the task's default
+    # task stream -> mixing weight (mmfm.tasks.list_tasks()); a list of names takes each task's default weight
+    tasks: dict = field(default_factory=lambda: {"image_text": 1.0})
     batch_size: int = 64             # global batch of image streams
     video_batch_size: int = 0        # global batch of video streams (0 = batch_size)
     lr: float = 1e-4
@@ -95,9 +125,9 @@ class TrainConfig:
     save_every: int = 500
     keep_last: int = 2
     log_every: int = 10
-    alpha_warmup_steps: int = 0      # 0 = one epoch of the first stream
-    loss_weights: dict = field(default_factory=lambda: {"itc": 1.0, "itm": 1.0, "mlm": 1.0})
     threads: int = 0                 # torch intra-op threads, 0 = torch default
+    init: str = ""                   # "", "timm:<vit name>" (ImageNet ViT weights), or an mmfm checkpoint
+    attention_backend: str = "auto"  # auto | xformers | sdpa | math (fixed per attention module)
 
 
 @dataclass
@@ -111,13 +141,14 @@ class EvalConfig:
     segmentation: str = "annotations/seg_test.json"
     metrics: list = field(default_factory=lambda: ["retrieval", "binding", "vqa"])
     k_test: int = 16
+    rerank_score: str = "itm+itc"    # ITM re-rank score: itm+itc (LAVIS) or itm (ALBEF's Retrieval.py)
     batch_size: int = 256
 
 
 @dataclass
 class Config:
-    task: str = "pretrain"
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelConfig | SegmentationModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -166,11 +197,29 @@ def from_dict(cls, data: dict, prefix: str = ""):
         if key not in names:
             raise ConfigError(f"unknown config key {prefix + key!r}{_closest(key, names)}")
         kind = hints[key]
-        if dataclasses.is_dataclass(kind):
+        if cls is TrainConfig and key == "tasks" and isinstance(value, list):
+            value = dict.fromkeys(value)
+        if cls is Config and key == "model":
+            values[key] = model_config(value or {}, f"{prefix}model.")
+        elif dataclasses.is_dataclass(kind):
             values[key] = from_dict(kind, value or {}, f"{prefix}{key}.")
         else:
             values[key] = _coerce(value, kind, prefix + key)
     return cls(**values)
+
+
+def model_config(block: dict, prefix: str = "model.", presets: bool = True) -> ModelConfig | SegmentationModelConfig:
+    """A model block: the preset named by its ``arch`` (if any, and ``presets``), overridden by the block's
+    own keys. A checkpoint's stored block is complete and read with ``presets=False``."""
+    from mmfm.architectures import architecture
+
+    if not isinstance(block, dict):
+        raise ConfigError(f"config block {prefix.rstrip('.')!r} must be a mapping, got {block!r}")
+    merged = {**(architecture(block["arch"]) if presets and block.get("arch") else {}), **block}
+    family = merged.get("family", "mmfm")
+    if family not in MODEL_CONFIGS:
+        raise ConfigError(f"{prefix}family={family!r}: use one of {', '.join(FAMILIES)}")
+    return from_dict(MODEL_CONFIGS[family], merged, prefix)
 
 
 def to_dict(cfg) -> dict:
@@ -200,7 +249,7 @@ def parse_overrides(overrides: list[str]) -> dict:
 def _merge(base: dict, extra: dict) -> dict:
     merged = dict(base)
     for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict) and key not in ("tasks", "answers"):
+        if isinstance(value, dict) and isinstance(merged.get(key), dict) and key != "tasks":
             merged[key] = _merge(merged[key], value)
         else:
             merged[key] = value
@@ -223,25 +272,55 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
 
 
 def validate(cfg: Config) -> None:
-    if cfg.task not in TASKS:
-        raise ConfigError(f"task {cfg.task!r} is not one of {', '.join(TASKS)}{_closest(cfg.task, TASKS)}")
-    for stream in cfg.train.tasks:
-        if stream not in TRAIN_STREAMS:
-            raise ConfigError(f"train.tasks.{stream} is not a stream; use {', '.join(TRAIN_STREAMS)}"
-                              f"{_closest(stream, TRAIN_STREAMS)}")
+    _validate_tasks(cfg)
     if cfg.train.precision not in ("fp32", "bf16"):
         raise ConfigError(f"train.precision={cfg.train.precision!r}: use fp32 or bf16")
     if cfg.train.fusion_lr_scale <= 0:
         raise ConfigError(f"train.fusion_lr_scale={cfg.train.fusion_lr_scale}: must be > 0 (1 = the base lr)")
-    if cfg.model.queue_size > 0 and cfg.model.momentum <= 0:
+    if cfg.objective.queue_size > 0 and cfg.objective.momentum <= 0:
         # Measured: without the EMA teacher the queue holds stale online features that the drifting encoder
         # separates trivially, the temperature falls to its 0.001 clamp and ITC stays at chance.
-        raise ConfigError(f"model.queue_size={cfg.model.queue_size} needs model.momentum > 0: the queue holds the "
-                          "momentum encoder's features, and with model.momentum=0 ITC collapses; set "
-                          "model.queue_size=0 or model.momentum=0.995")
-    if cfg.data.on_error not in ("skip", "raise"):
-        raise ConfigError(f"data.on_error={cfg.data.on_error!r}: use skip or raise")
+        raise ConfigError(f"objective.queue_size={cfg.objective.queue_size} needs objective.momentum > 0: the "
+                          "queue holds the momentum encoder's features, and with objective.momentum=0 ITC "
+                          "collapses; set objective.queue_size=0 or objective.momentum=0.995")
+    _require_choice("objective.itc_positives", cfg.objective.itc_positives, ("image_id", "diagonal"))
+    _require_choice("eval.rerank_score", cfg.eval.rerank_score, ("itm+itc", "itm"))
+    _require_choice("data.on_error", cfg.data.on_error, ("skip", "raise"))
+
+
+def _require_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r}: use one of {', '.join(choices)}{_closest(value, choices)}")
+
+
+def _validate_tasks(cfg: Config) -> None:
+    """``train.tasks`` and ``eval.metrics`` against the task registry; one model family for all tasks."""
+    from mmfm.tasks import get_task, list_tasks
+
+    names = list_tasks()
+    if not cfg.train.tasks:
+        raise ConfigError(f"train.tasks is empty: give task streams and weights, e.g. {{image_text: 1.0}} "
+                          f"(tasks: {', '.join(names)})")
+    for name, weight in cfg.train.tasks.items():
+        if name not in names:
+            raise ConfigError(f"train.tasks.{name} is not a task; use {', '.join(names)}{_closest(name, names)}")
+        if weight is None:
+            weight = cfg.train.tasks[name] = get_task(name).default_weight
+        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight <= 0:
+            raise ConfigError(f"train.tasks.{name}={weight!r}: the mixing weight must be a number > 0")
+        family = get_task(name).family
+        if family != cfg.model.family:
+            raise ConfigError(f"train.tasks.{name} trains a {family!r} model but model.family is "
+                              f"{cfg.model.family!r}; pick a model.arch of family {family!r}")
+    metrics = sorted({m for n in names for m in get_task(n).metrics})
+    for metric in cfg.eval.metrics:
+        if metric not in metrics:
+            raise ConfigError(f"eval.metrics: {metric!r} is not an evaluation; use {', '.join(metrics)}"
+                              f"{_closest(metric, metrics)}")
 
 
 def save_config(cfg: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """The resolved config as YAML; passed back to ``load_config`` it reproduces the run."""
+    from mmfm.fileio import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

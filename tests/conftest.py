@@ -51,7 +51,7 @@ def write_json():
 
 TINY_MODEL = [
     "model.width=64", "model.depth=3", "model.heads=2", "model.fusion_layer=2", "model.embed_dim=32",
-    "model.patch_size=16", "model.queue_size=37", "model.momentum=0.995", "model.max_frames=4",
+    "model.patch_size=16", "objective.queue_size=37", "objective.momentum=0.995", "model.max_frames=4",
     "data.num_frames=2",
     "data.num_workers=0", "train.batch_size=16", "train.video_batch_size=16", "train.warmup_steps=2",
     "train.log_every=1",

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from mmfm.config import ModelConfig
-from mmfm.models.model import MMFM, save_pretrained
+from mmfm.models.io import save_model
+from mmfm.models.model import MMFM
 from mmfm.models.trunk import TokenBatch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,14 +56,14 @@ def videos(shapes_root) -> list[str]:
     return sorted(str(p) for p in (shapes_root / "videos").rglob("*.mp4"))
 
 
-def _tiny_config(shapes_root: Path) -> ModelConfig:
+def _tiny_model(shapes_root: Path) -> MMFM:
     annotations = shapes_root / "annotations"
     answers = {"vqa": json.loads((annotations / "answer_list.json").read_text()),
                "video_qa": json.loads((annotations / "videoqa_answer_list.json").read_text())}
     preprocess = {"image_size": 64, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
                   "num_frames": NUM_FRAMES}
-    return ModelConfig(width=64, depth=3, heads=2, fusion_layer=2, embed_dim=32, img_size=64, patch_size=8,
-                       answers=answers, preprocess=preprocess)
+    arch = ModelConfig(width=64, depth=3, heads=2, fusion_layer=2, embed_dim=32, img_size=64, patch_size=8)
+    return MMFM(arch, answers, preprocess)
 
 
 def _train_itc_itm(model: MMFM, pixels: torch.Tensor, captions: list[str], steps: int) -> None:
@@ -92,7 +93,7 @@ def tiny_checkpoint(shapes_root, gallery, tmp_path_factory) -> Path:
     from mmfm.inference.pipeline import Pipeline
 
     torch.manual_seed(0)
-    model = MMFM(_tiny_config(shapes_root))
+    model = _tiny_model(shapes_root)
     paths, captions = gallery
     pixels = torch.stack([Pipeline(model, "cpu").read_image(p) for p in paths])
     threads = torch.get_num_threads()
@@ -102,7 +103,7 @@ def tiny_checkpoint(shapes_root, gallery, tmp_path_factory) -> Path:
     finally:
         torch.set_num_threads(threads)
     path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
-    save_pretrained(model, path)
+    save_model(model, path)
     return path
 
 

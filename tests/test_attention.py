@@ -1,4 +1,5 @@
-"""Attention backends agree; packed attention equals per-sample attention without any (T x T) mask."""
+"""Attention backends agree and are fixed per module; packed attention equals per-sample attention without
+any (T x T) mask."""
 
 import pytest
 import torch
@@ -8,12 +9,13 @@ from mmfm.errors import ConfigError
 from mmfm.layers.attention import (
     PackedSeqs,
     attention,
+    check_backend,
     length_buckets,
     packed_attention,
     resolve_backend,
-    set_backend,
     xformers_available,
 )
+from mmfm.models.trunk import UnifiedTrunk
 
 CPU = torch.device("cpu")
 needs_xformers = pytest.mark.skipif(
@@ -24,9 +26,6 @@ needs_xformers = pytest.mark.skipif(
 @pytest.fixture(autouse=True)
 def _auto_backend(monkeypatch):
     monkeypatch.delenv("MMFM_ATTN_BACKEND", raising=False)
-    set_backend(None)
-    yield
-    set_backend(None)
 
 
 def _qkv(batch=3, heads=2, length=11, dim=16, seed=0, device="cpu", dtype=torch.float32):
@@ -81,16 +80,17 @@ def test_env_override(monkeypatch):
     assert called
 
 
-def test_set_backend_beats_env(monkeypatch):
+def test_named_backend_beats_env(monkeypatch):
     monkeypatch.setenv("MMFM_ATTN_BACKEND", "math")
-    set_backend("sdpa")
-    assert resolve_backend("auto", CPU) == "sdpa"
+    assert resolve_backend("sdpa", CPU) == "sdpa"
 
 
 @pytest.mark.parametrize("bad", ["flash", "SDPA", ""])
 def test_bad_backend_name_raises(bad, monkeypatch):
-    with pytest.raises(ConfigError, match="backend"):
-        set_backend(bad)
+    with pytest.raises(ConfigError, match=f"attention_backend={bad!r}.*auto, xformers, sdpa, math"):
+        check_backend(bad)
+    with pytest.raises(ConfigError, match="attention_backend"):
+        UnifiedTrunk(width=8, depth=1, num_heads=2, img_size=8, patch_size=4, vocab_size=10, attention_backend=bad)
     monkeypatch.setenv("MMFM_ATTN_BACKEND", bad or "nope")
     with pytest.raises(ConfigError, match="MMFM_ATTN_BACKEND"):
         attention(*_qkv())
@@ -99,6 +99,55 @@ def test_bad_backend_name_raises(bad, monkeypatch):
 def test_xformers_on_cpu_is_a_config_error():
     with pytest.raises(ConfigError, match="xformers"):
         resolve_backend("xformers", CPU)
+
+
+# ---- per-module backends ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def called_backends(monkeypatch):
+    """The backend name of every padded-backend call."""
+    calls = []
+    for name, fn in list(attn_mod._PADDED.items()):
+        monkeypatch.setitem(attn_mod._PADDED, name, lambda *args, name=name, fn=fn: calls.append(name) or fn(*args))
+    return calls
+
+
+def _tiny_trunk(backend: str) -> UnifiedTrunk:
+    torch.manual_seed(0)
+    return UnifiedTrunk(width=32, depth=2, num_heads=2, fusion_layer=1, img_size=16, patch_size=4, vocab_size=50,
+                        context_length=8, fusion_mode="cross", attention_backend=backend).eval()
+
+
+def _forward_all_paths(trunk: UnifiedTrunk) -> torch.Tensor:
+    """Padded images, packed texts and cross fusion: every attention call site of the trunk."""
+    ids = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0))
+    mask = torch.arange(8)[None] < torch.tensor([8, 3])[:, None]
+    image = trunk.unimodal(trunk.embed_image(torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))))
+    packed = trunk.unimodal(trunk.embed_texts_packed(ids, mask)).x
+    fused = trunk.fuse(trunk.unimodal(trunk.embed_text(ids, mask)), image).x[mask]
+    return torch.cat([image.x.flatten(0, 1), packed, fused])
+
+
+@torch.no_grad()
+def test_two_trunks_keep_their_own_backends_and_agree(called_backends):
+    math_trunk = _tiny_trunk("math")
+    sdpa_trunk = _tiny_trunk("sdpa")
+    assert {block.attn.backend for block in math_trunk.blocks} == {"math"}, "building another trunk changed it"
+    math_out = _forward_all_paths(math_trunk)
+    assert called_backends and set(called_backends) == {"math"}
+    called_backends.clear()
+    sdpa_out = _forward_all_paths(sdpa_trunk)
+    assert called_backends and set(called_backends) == {"sdpa"}
+    assert (math_out - sdpa_out).abs().max() <= 1e-5
+
+
+def test_auto_module_follows_the_env_var(monkeypatch, called_backends):
+    trunk = _tiny_trunk("auto")
+    monkeypatch.setenv("MMFM_ATTN_BACKEND", "math")
+    with torch.no_grad():
+        trunk.forward_image(torch.randn(1, 3, 16, 16))
+    assert set(called_backends) == {"math"}
 
 
 # ---- packed (variable length) -----------------------------------------------------------------------

@@ -28,23 +28,29 @@ def test_wrong_types_and_values_are_rejected(tmp_path):
         load_config(None, ["train.precision=fp8"])
     with pytest.raises(ConfigError, match="train.fusion_lr_scale"):
         load_config(None, ["train.fusion_lr_scale=0"])
-    with pytest.raises(ConfigError, match="model.queue_size=256 needs model.momentum > 0"):
-        load_config(None, ["model.momentum=0", "model.queue_size=256"])
-    assert load_config(None, ["model.momentum=0", "model.queue_size=0"]).model.queue_size == 0
+    with pytest.raises(ConfigError, match="objective.queue_size=256 needs objective.momentum > 0"):
+        load_config(None, ["objective.momentum=0", "objective.queue_size=256"])
+    assert load_config(None, ["objective.momentum=0", "objective.queue_size=0"]).objective.queue_size == 0
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
-    with pytest.raises(ConfigError, match="task"):
-        load_config(None, ["task=pretrian"])
+    with pytest.raises(ConfigError, match="unknown config key 'task'"):
+        load_config(None, ["task=pretrain"])
+
+
+def _negatives(cfg_overrides):
+    from mmfm.tasks.align import caption_negatives
+
+    return caption_negatives(load_config(None, cfg_overrides))
 
 
 def test_bad_crop_scale_and_negative_words_name_their_key():
-    from mmfm.factory import _caption_negatives, _transforms
+    from mmfm.tasks.base import transform
 
     with pytest.raises(ConfigError, match=r"data\.crop_scale"):
-        _transforms(load_config(None, ["data.crop_scale=[0.9, 0.5]"]), train=True)
+        transform(load_config(None, ["data.crop_scale=[0.9, 0.5]"]), train=True)
     with pytest.raises(ConfigError, match=r"data\.negative_words"):
-        _caption_negatives(["red", "green"])
+        _negatives(["data.negative_words=[red, green]"])
     with pytest.raises(ConfigError, match=r"data\.negative_words.*two words"):
-        _caption_negatives([["red"]])
+        _negatives(["data.negative_words=[[red]]"])
     with pytest.raises(ConfigError, match=r"data\.negative_replace_prob"):
-        _caption_negatives([["red", "green"]], replace_prob=1.5)
+        _negatives(["data.negative_words=[[red, green]]", "data.negative_replace_prob=1.5"])

@@ -18,6 +18,7 @@ from mmfm.data import (
     train_transform,
     vqa_soft_scores,
 )
+from mmfm.data.formats import strip_punctuation
 from mmfm.errors import DataError
 
 SIZE = 16
@@ -37,12 +38,25 @@ def test_normalize_answer_matches_official_rules():
     assert normalize_answer("1,000") == "1000"
     assert normalize_answer(" yes\n") == "yes"
     assert normalize_answer("3.5") == "3.5"
+    assert normalize_answer("T-Shirt") == "t shirt"
+    assert normalize_answer("none of them") == "0 of them"
 
 
-def test_soft_score_is_min_count_over_three():
+def test_strip_punctuation_is_the_official_process_punctuation():
+    assert strip_punctuation("t-shirt") == "t shirt", "a mark touching no space becomes a space"
+    assert strip_punctuation("red , blue") == "red  blue", "a mark next to a space is deleted"
+    assert strip_punctuation("red, blue-green") == "red blue green", "each mark decides for itself"
+    assert strip_punctuation("a-b - c-d") == "ab  cd", "one spaced occurrence deletes them all"
+    assert strip_punctuation("1,000 (approx)") == "1000 approx", "a digit comma deletes every mark"
+    assert strip_punctuation("Dr. No.") == "Dr No", "periods go unless a digit follows; case is kept"
+    assert strip_punctuation("3.5 m.") == "3.5 m"
+
+
+def test_soft_score_is_the_official_accuracy_per_annotator_count():
     scores = vqa_soft_scores(["two"] * 2 + ["2"] * 2 + ["three"] + ["a cat"] * 5)
-    assert scores == {"2": 1.0, "3": pytest.approx(1 / 3), "cat": 1.0}
-    assert vqa_soft_scores(["no", "no"])["no"] == pytest.approx(2 / 3)
+    assert scores == {"2": 1.0, "3": 0.3, "cat": 1.0}, "normalised answers pool their votes"
+    assert vqa_soft_scores(["no"] * 2 + ["yes"] * 3 + ["Yes."] * 5) == {"no": 0.6, "yes": 1.0}
+    assert vqa_soft_scores(["red"] * 3 + ["blue"] * 4 + ["green"] * 3) == {"red": 0.9, "blue": 1.0, "green": 0.9}
 
 
 def test_image_text_dataset_round_trip(tmp_path, images, write_json):
@@ -80,8 +94,8 @@ def test_vqa_dataset_target_and_fields(tmp_path, images, write_json):
         {"question_id": 8, "question": "color?", "answer": ["blue", "red"], "image": "img/1.png", "dataset": "vqa"}])
     ds = VQADataset(ann, root=tmp_path, transform=eval_transform(SIZE), answer_list=answer_list)
     first, second = ds[0], ds[1]
-    assert torch.equal(first["target"], torch.tensor([1.0, 0.0, 0.0]))
-    assert second["target"].tolist() == pytest.approx([0, 0, 1 / 3])  # "blue" is outside the list
+    assert first["target"].tolist() == pytest.approx([0.9, 0.0, 0.0])  # "two", "2", "Two": 3 annotators
+    assert second["target"].tolist() == pytest.approx([0, 0, 0.3])  # "blue" is outside the list
     assert (first["question"], first["question_id"], first["question_type"]) == ("how many?", 7, "how many")
     assert first["answers"] == ["two", "2", "Two", "3"] and second["question_type"] == ""
 
@@ -111,7 +125,7 @@ def test_image_text_samples_carry_a_question_of_their_own_image(tmp_path, write_
         side = "right" if sample["image"][0, :, -1].mean() > sample["image"][0, :, 0].mean() else "left"
         expected = {f"is the red half on the {side}?": "yes", "which side is red?": side}
         assert sample["has_question"] and sample["text"] == f"red on the {side}"
-        assert sample["target"].max() == 1.0
+        assert sample["target"].max() == pytest.approx(0.9)  # 3 annotators
         assert answer_list[int(sample["target"].argmax())] == expected[sample["question"]]
         asked.add((sample["question"], side))
     assert len(asked) == 4, "both questions, flipped and not, are drawn"
@@ -170,7 +184,7 @@ def test_load_vqav2_converts_official_files(tmp_path, write_json):
     assert entry["answer"] == ["cat"] * 7 + ["dog"] * 3
     assert (entry["question_id"], entry["question"], entry["question_type"]) == (10, "What is it?", "what is")
     ds = VQADataset([entry], answer_list=["dog", "cat"])
-    assert ds.target(entry["answer"]).tolist() == [1.0, 1.0]
+    assert ds.target(entry["answer"]).tolist() == pytest.approx([0.9, 1.0])
     with pytest.raises(DataError, match="q.json"):
         load_vqav2(questions, questions, "/coco")
 

@@ -121,11 +121,11 @@ def test_video_index_and_video_search(tiny_pipe, videos):
 
 def test_answer_image_and_video(tiny_pipe, gallery, videos):
     answers = tiny_pipe.answer(gallery[0][0], "is there a red circle?", topk=5)
-    assert len(answers) == 5 and all(a in tiny_pipe.model.cfg.answers["vqa"] for a, _ in answers)
+    assert len(answers) == 5 and all(a in tiny_pipe.model.answers["vqa"] for a, _ in answers)
     probs = [p for _, p in answers]
     assert probs == sorted(probs, reverse=True) and all(0.0 <= p <= 1.0 for p in probs)
     video_answers = tiny_pipe.answer(videos[0], "in which direction does it move?", topk=3)
-    assert all(a in tiny_pipe.model.cfg.answers["video_qa"] for a, _ in video_answers)
+    assert all(a in tiny_pipe.model.answers["video_qa"] for a, _ in video_answers)
 
 
 def test_answer_batch_matches_single_answers(tiny_pipe, gallery, videos):

@@ -53,7 +53,7 @@ def test_vqa_image_and_video(client, tiny_pipe, gallery, videos):
     video = Path(videos[0])
     response = client.post("/vqa", files=_upload(video, "file"), data={"question": "where does it move?"})
     assert response.status_code == 200
-    assert all(a["answer"] in tiny_pipe.model.cfg.answers["video_qa"] for a in response.json()["answers"])
+    assert all(a["answer"] in tiny_pipe.model.answers["video_qa"] for a in response.json()["answers"])
 
 
 @pytest.mark.parametrize("case,status,match", [

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from mmfm.config import ModelConfig
+from mmfm.config import ModelConfig, ObjectiveConfig
 from mmfm.data import ImageTextDataset, make_collate
 from mmfm.data.negatives import CaptionNegatives
 from mmfm.models.model import MMFM
-from mmfm.objectives.tasks import MultiTaskObjective
+from mmfm.tasks.objective import TaskObjective
 from mmfm.tokenizers.text import TextTokenizer
 
 GROUPS = [["red", "blue", "green"], ["circle", "square", "star"]]
@@ -78,8 +78,9 @@ def test_dataset_and_objective_use_caption_negatives(tiny_shapes):
     batch = make_collate(tokenizer, ("text", "negative_text"))([dataset[i] for i in range(8)])
     assert batch["has_negative"].all()
     assert all(n != t for n, t in zip(batch["negative_text"], batch["text"]))
-    model = MMFM(ModelConfig(width=64, depth=2, heads=2, fusion_layer=1, fusion_mode="cross", queue_size=16))
-    objective = MultiTaskObjective(model, {"mlm": 0.0}, ["image_text"], alpha_warmup_steps=1)
+    model = MMFM(ModelConfig(width=64, depth=2, heads=2, fusion_layer=1, fusion_mode="cross"))
+    settings = ObjectiveConfig(queue_size=16, loss_weights={"mlm": 0.0})
+    objective = TaskObjective(model, settings, ["image_text"], alpha_warmup_steps=1)
     scored = []
     itm_logits = model.itm_logits
     model.itm_logits = lambda text, vision: scored.append(len(text.x)) or itm_logits(text, vision)

@@ -1,9 +1,15 @@
-"""ALBEF objectives: ITC (vs CLIP InfoNCE), the feature queue, hard negatives, MLM masking, VQA loss."""
+"""ALBEF objectives: ITC (vs CLIP InfoNCE), the feature queue, hard negatives, MLM masking, VQA loss,
+the momentum model's EMA."""
 
+from types import SimpleNamespace
+
+import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from mmfm.objectives.itc import FeatureQueue, itc_loss, positive_targets
+from mmfm.models.momentum import MomentumModel
+from mmfm.objectives.itc import FeatureQueue, diagonal_targets, itc_loss, positive_targets
 from mmfm.objectives.itm import sample_hard_negatives
 from mmfm.objectives.mlm import mask_tokens, mlm_loss
 from mmfm.objectives.vqa import vqa_loss
@@ -46,6 +52,42 @@ def test_itc_same_id_pairs_share_the_target_mass():
     assert torch.allclose(targets[2], torch.tensor([0.0, 0.0, 0.5, 0.5]))
 
 
+def test_itc_id_targets_count_queue_keys_of_the_same_id():
+    ids, queue_ids = torch.tensor([0, 1, 2]), torch.tensor([1, 5, 0])
+    targets = positive_targets(ids, torch.cat([ids, queue_ids]))
+    assert torch.equal(targets, torch.tensor([[0.5, 0, 0, 0, 0, 0.5],
+                                              [0, 0.5, 0, 0.5, 0, 0],
+                                              [0, 0, 1.0, 0, 0, 0]]))
+
+
+def test_itc_diagonal_targets_are_the_identity_on_the_batch_and_zero_on_the_queue():
+    assert torch.equal(diagonal_targets(3, 2), torch.tensor([[1.0, 0, 0, 0, 0],
+                                                             [0, 1.0, 0, 0, 0],
+                                                             [0, 0, 1.0, 0, 0]]))
+    assert diagonal_targets(2, 0).tolist() == [[1.0, 0.0], [0.0, 1.0]]
+    ids = torch.tensor([0, 0, 1])  # a repeated image: a positive only for the id targets
+    assert positive_targets(ids, torch.cat([ids, torch.tensor([7, 8])]))[0, 1] == 0.5
+    assert diagonal_targets(3, 2)[0, 1] == 0.0
+    distinct = torch.arange(3)
+    assert torch.equal(positive_targets(distinct, torch.cat([distinct, torch.tensor([7, 8])])),
+                       diagonal_targets(3, 2))
+
+
+def test_itc_keys_are_momentum_batch_then_queue():
+    vision, text = _features(4, 8, 6), _features(4, 8, 7)
+    vision_m, text_m = _features(4, 8, 8), _features(4, 8, 9)
+    queue_vision, queue_text = _features(3, 8, 10), _features(3, 8, 11)
+    temp, labels = torch.tensor(0.1), torch.arange(4)
+    vision_keys, text_keys = torch.cat([vision_m, queue_vision]), torch.cat([text_m, queue_text])
+    ours = itc_loss(vision, text, vision_keys, text_keys, temp, diagonal_targets(4, 3))
+    v2t = F.cross_entropy(vision @ text_keys.t() / temp, labels)
+    t2v = F.cross_entropy(text @ vision_keys.t() / temp, labels)
+    assert torch.allclose(ours, (v2t + t2v) / 2, atol=1e-6)
+    queue_first = torch.cat([queue_vision, vision_m]), torch.cat([queue_text, text_m])
+    swapped = itc_loss(vision, text, *queue_first, temp, diagonal_targets(4, 3))
+    assert not torch.allclose(ours, swapped)
+
+
 def test_itc_distillation_changes_the_loss_only_with_alpha():
     vision, text = _features(6, 8, 2), _features(6, 8, 3)
     vision_m, text_m = _features(6, 8, 4), _features(6, 8, 5)
@@ -81,6 +123,34 @@ def test_hard_negatives_never_pick_a_positive():
     for _ in range(200):
         picks = sample_hard_negatives(sim, ids, ids)
         assert not (ids[picks] == ids).any()
+
+
+def test_hard_negatives_of_an_all_same_id_batch_never_pick_the_row_itself():
+    torch.manual_seed(0)
+    ids = torch.full((4,), 7)
+    sim = torch.eye(4) * 50  # the own column would win any draw it were allowed in
+    picks = torch.stack([sample_hard_negatives(sim, ids, ids) for _ in range(200)])
+    assert not (picks == torch.arange(4)).any()
+    assert all(set(picks[:, row].tolist()) == set(range(4)) - {row} for row in range(4))
+    assert sample_hard_negatives(torch.zeros(1, 1), ids[:1], ids[:1]).tolist() == [0], "the only column"
+
+
+def test_hard_negatives_take_the_only_different_id_column_even_when_its_weight_underflows():
+    torch.manual_seed(0)
+    ids = torch.tensor([0, 0, 0, 1])
+    sim = torch.zeros(4, 4)
+    sim[:3, 3] = -200.0  # softmax weight exp(-200) is 0 in float32
+    picks = torch.stack([sample_hard_negatives(sim, ids, ids) for _ in range(100)])
+    assert (picks[:, :3] == 3).all()
+    assert set(picks[:, 3].tolist()) == {0, 1, 2}
+
+
+def test_hard_negatives_fall_back_per_row():
+    torch.manual_seed(0)
+    row_ids, col_ids = torch.tensor([0, 1]), torch.tensor([0, 0, 0])
+    picks = torch.stack([sample_hard_negatives(torch.zeros(2, 3), row_ids, col_ids) for _ in range(100)])
+    assert set(picks[:, 0].tolist()) == {1, 2}, "row 0 has nothing to contrast: any column but its own"
+    assert set(picks[:, 1].tolist()) == {0, 1, 2}
 
 
 def test_hard_negatives_follow_similarity():
@@ -151,7 +221,7 @@ def test_answer_pair_features_start_at_the_fused_head_and_add_a_bilinear_term():
 
     torch.manual_seed(0)
     model = MMFM(ModelConfig(width=64, depth=2, heads=2, fusion_layer=1, fusion_mode="cross", img_size=32,
-                             patch_size=8, answer_pair_features=True, answers={"vqa": ["yes", "no", "red"]}))
+                             patch_size=8, answer_pair_features=True), answers={"vqa": ["yes", "no", "red"]})
     ids, mask = model.tokenizer(["is there a red circle?", "what color is the square?"])
     question, vision = model.encode_text(ids, mask).tokens, model.encode_vision(torch.randn(2, 3, 32, 32)).tokens
     fused = model.answer_heads["vqa"](model.fuse(question, vision).cls())
@@ -166,14 +236,15 @@ def test_answer_pair_features_start_at_the_fused_head_and_add_a_bilinear_term():
 
 
 def test_questions_attached_to_an_image_text_batch_train_the_vqa_head_on_the_same_vision():
-    from mmfm.config import ModelConfig
+    from mmfm.config import ModelConfig, ObjectiveConfig
     from mmfm.models.model import MMFM
-    from mmfm.objectives.tasks import MultiTaskObjective
+    from mmfm.tasks.objective import TaskObjective
 
     torch.manual_seed(0)
     model = MMFM(ModelConfig(width=64, depth=2, heads=2, fusion_layer=1, fusion_mode="cross", img_size=32,
-                             patch_size=8, answers={"vqa": ["yes", "no", "red"]}))
-    objective = MultiTaskObjective(model, {"qa": 0.5, "mlm": 0.0}, ["image_text"], 10)
+                             patch_size=8), answers={"vqa": ["yes", "no", "red"]})
+    settings = ObjectiveConfig(loss_weights={"qa": 0.5, "mlm": 0.0})
+    objective = TaskObjective(model, settings, ["image_text"], 10)
     ids, mask = model.tokenizer(["a red circle", "a blue square", "two shapes"])
     question_ids, question_mask = model.tokenizer(["is it red?", "", "what color?"])
     target = torch.tensor([[1.0, 0, 0], [0, 0, 0], [0, 0, 1.0]])
@@ -191,3 +262,56 @@ def test_questions_attached_to_an_image_text_batch_train_the_vqa_head_on_the_sam
     assert model.answer_heads["vqa"].parameters().__next__().grad.abs().sum() > 0
     del batch["question_ids"]
     assert "vqa" not in objective("image_text", batch)
+
+
+@pytest.mark.parametrize("positives", ["image_id", "diagonal"])
+def test_align_itc_scores_momentum_batch_then_queue_and_enqueues_after_the_loss(positives):
+    """The task's ITC step: keys [momentum batch ; queue], queue ids in the id targets, the batch queued
+    only after its own loss (so it is never its own queued negative)."""
+    from mmfm.config import ObjectiveConfig
+    from mmfm.tasks.align import AlignLoss
+
+    align = AlignLoss("image_text", "vqa", ObjectiveConfig(queue_size=5, itc_positives=positives), 8)
+    queued_ids = torch.tensor([2, 9])
+    align.queue.enqueue(_features(2, 8, 20), _features(2, 8, 21), queued_ids)
+    vision, text, vision_m, text_m = (_features(3, 8, seed) for seed in (1, 2, 3, 4))
+    ids, temp = torch.tensor([0, 1, 2]), torch.tensor(0.1)
+    model = nn.Module()
+    model.temp = nn.Parameter(temp.clone())
+    momentum = (SimpleNamespace(feat=vision_m), SimpleNamespace(feat=text_m))
+    loss = align._itc(model, vision, text, momentum, ids, alpha=0.3)
+    queue_vision, queue_text, _ = align.queue.contents()
+    keys_v, keys_t = torch.cat([vision_m, queue_vision[:2]]), torch.cat([text_m, queue_text[:2]])
+    targets = (positive_targets(ids, torch.cat([ids, queued_ids])) if positives == "image_id"
+               else diagonal_targets(3, 2))
+    expected = itc_loss(vision, text, keys_v, keys_t, temp, targets, vision_m, text_m, 0.3)
+    assert torch.allclose(loss, expected, atol=1e-6)
+    if positives == "image_id":
+        assert targets[2, 3] == 0.5, "the queued key of image 2 is a positive of query 2"
+    assert torch.equal(align.queue.contents()[2], torch.tensor([2, 9, 0, 1, 2]))
+    assert torch.allclose(queue_vision[2:], vision_m) and torch.allclose(queue_text[2:], text_m)
+
+
+class _TwoPart(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(3, 2)
+        self.head = nn.Linear(2, 1)
+
+
+def test_momentum_update_is_an_ema_of_the_online_parameters():
+    torch.manual_seed(0)
+    online, m = _TwoPart(), 0.75
+    teacher = MomentumModel(online, m, skip=("head",))
+    assert teacher.model.head is None and not any(p.requires_grad for p in teacher.model.parameters())
+    expected = {name: p.detach().clone() for name, p in online.body.named_parameters()}
+    for step in (lambda p: p.add_(1.0), lambda p: p.copy_(torch.randn_like(p) * 3)):
+        with torch.no_grad():
+            for p in online.parameters():
+                step(p)  # in place, as an optimizer step
+        teacher.update(online)
+        for name, p in online.body.named_parameters():
+            expected[name] = m * expected[name] + (1 - m) * p.detach()
+        for name, p in teacher.model.body.named_parameters():
+            assert torch.allclose(p, expected[name], atol=1e-6), name
+    assert teacher.model.body.weight.data_ptr() != online.body.weight.data_ptr()

@@ -45,11 +45,7 @@ def _load(corpus: Path, name: str):
 
 
 def _annotation_bytes(directory: Path) -> dict[str, bytes]:
-    return {
-        p.name: p.read_bytes()
-        for p in sorted((directory / "annotations").glob("*.json"))
-        if p.name != "summary.json"
-    }
+    return {p.name: p.read_bytes() for p in sorted((directory / "annotations").glob("*.json"))}
 
 
 def _left_of(a: dict, b: dict) -> bool:
@@ -127,9 +123,18 @@ def test_same_seed_gives_byte_identical_annotations(corpus, tmp_path):
     shapes.generate(tmp_path / "again", images=IMAGES, videos=VIDEOS, seed=0, workers=1)
     shapes.generate(tmp_path / "other", images=IMAGES, videos=VIDEOS, seed=1, workers=2)
     first, again, other = (_annotation_bytes(d) for d in (corpus, tmp_path / "again", tmp_path / "other"))
-    assert len(first) >= 25 and first == again
+    assert len(first) >= 25 and "summary.json" in first and first == again
     assert first["scenes_train.json"] != other["scenes_train.json"]
     assert first["retrieval_train.json"] != other["retrieval_train.json"]
+
+
+def test_the_cli_prints_the_timing_and_keeps_it_out_of_the_corpus(tmp_path, capsys):
+    tiny = ["--images", "3", "--videos", "2", "--size", "32", "--frames", "2", "--seed", "5"]
+    _load_make_data().main(["shapes", "--out", str(tmp_path / "cli"), "--workers", "1", *tiny])
+    assert re.search(r"\d+\.\d\d s on 1 workers", capsys.readouterr().out)
+    summary = shapes.generate(tmp_path / "api", images=3, videos=2, size=32, frames=2, seed=5, workers=2)
+    assert _annotation_bytes(tmp_path / "cli") == _annotation_bytes(tmp_path / "api")
+    assert summary == _load(tmp_path / "api", "summary.json") and "timing" not in summary
 
 
 def test_split_sizes_and_file_formats(corpus):

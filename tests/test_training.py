@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from conftest import TINY_MODEL
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,7 +31,7 @@ def _history(output):
 def test_short_run_learns_and_writes_every_artefact(tmp_path, tiny_overrides):
     out = tmp_path / "run"
     result = _train(out, tiny_overrides + ["train.max_steps=50", "train.lr=1e-3", "train.save_every=25",
-                                           "train.loss_weights.mlm=1",
+                                           "objective.loss_weights.mlm=1",
                                            "train.tasks={image_text: 1.0, vqa: 0.5}",
                                            "eval.metrics=[retrieval, binding, vqa]"])
     assert result.returncode == 0, result.stderr[-3000:]
@@ -60,7 +62,7 @@ def _wait_for(path, proc, seconds=300):
 
 def test_killed_run_resumes_to_identical_weights(tmp_path, tiny_overrides):
     overrides = tiny_overrides + ["train.max_steps=24", "train.save_every=6", "train.keep_last=5",
-                                  "train.loss_weights.mlm=1",
+                                  "objective.loss_weights.mlm=1",
                                   "train.tasks={image_text: 1.0, video_text: 0.5, vqa: 0.5}"]
     reference = tmp_path / "reference"
     assert _train(reference, overrides, "--no-eval").returncode == 0
@@ -99,9 +101,12 @@ def test_missing_data_is_a_clear_error(tmp_path, tiny_overrides):
     assert "does not exist" in result.stderr and "make_data.py" in result.stderr
 
 
-def test_two_processes_match_one_process_at_step_zero(tmp_path, tiny_overrides):
-    overrides = tiny_overrides + ["train.max_steps=1", "train.batch_size=16", "train.tasks={image_text: 1.0}",
-                                  "model.momentum=0", "model.queue_size=0"]
+def test_two_processes_match_one_process_with_momentum_and_queue(tmp_path, tiny_overrides):
+    """Gathered ITC over [momentum batch ; queue] on 2 ranks = 1 rank with the global batch: same losses at
+    every step and the same weights after 4 optimizer steps (so the same gradients at each of them)."""
+    overrides = tiny_overrides + ["train.max_steps=4", "train.batch_size=16", "train.tasks={image_text: 1.0}",
+                                  "model.fusion_layer=3", "objective.momentum=0.9", "objective.queue_size=24",
+                                  "objective.alpha_warmup_steps=2", "train.save_every=0"]
     single = tmp_path / "single"
     assert _train(single, overrides, "--no-eval").returncode == 0
     double = tmp_path / "double"
@@ -110,8 +115,51 @@ def test_two_processes_match_one_process_at_step_zero(tmp_path, tiny_overrides):
     result = _train(double, overrides, "--no-eval", env=env, launcher=torchrun)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((double / "metrics.json").read_text())["world_size"] == 2
-    one, two = _history(single)[0], _history(double)[0]
-    assert abs(one["itc"] - two["itc"]) < 1e-5, (one["itc"], two["itc"])
+    for one, two in zip(_history(single), _history(double), strict=True):
+        assert abs(one["itc"] - two["itc"]) < 1e-4, (one["step"], one["itc"], two["itc"])
+    expected, got = load_file(single / "model.safetensors"), load_file(double / "model.safetensors")
+    assert max(float((expected[k] - got[k]).abs().max()) for k in expected) < 1e-4
+
+
+def test_resolved_config_reproduces_the_run_and_mmfm_train_is_tools_train(tmp_path, tiny_overrides):
+    first = tmp_path / "first"
+    overrides = tiny_overrides + ["train.max_steps=3", "train.tasks={image_text: 1.0, vqa: 0.5}"]
+    assert _train(first, overrides, "--no-eval").returncode == 0
+    resolved = yaml.safe_load((first / "config.yaml").read_text())
+    assert resolved["objective"]["alpha_warmup_steps"] == 160 // 16, "the ramp length is resolved before saving"
+    assert resolved["model"]["arch"] == "mmfm-demo" and resolved["model"]["width"] == 64
+    again = tmp_path / "again"
+    cmd = [sys.executable, "-m", "mmfm.cli", "train", "--config", str(first / "config.yaml"), "--output", str(again),
+           "--quiet", "--no-eval"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (again / "config.yaml").read_text() == (first / "config.yaml").read_text()
+    expected, got = load_file(first / "model.safetensors"), load_file(again / "model.safetensors")
+    assert max(float((expected[k] - got[k]).abs().max()) for k in expected) <= 1e-5
+
+
+def test_distillation_ramp_and_ema_count_optimizer_steps(tmp_path, tiny_shapes):
+    """grad_accum 2 over two streams: 6 forward calls per step, yet the ramp and the EMA advance once."""
+    from mmfm.config import load_config
+    from mmfm.engine.trainer import Trainer, make_accelerator
+    from mmfm.run import build_run
+
+    cfg = load_config(ROOT / "configs" / "demo_shapes.yaml",
+                      [f"data.root={tiny_shapes}", *TINY_MODEL, "train.max_steps=3", "train.grad_accum=2",
+                       "train.tasks={image_text: 1.0, vqa: 1.0}", "objective.alpha_warmup_steps=10",
+                       "objective.momentum=0.5", "train.save_every=0"])
+    run = build_run(cfg)
+    updates = []
+    update = run.objective.momentum.update
+    run.objective.momentum.update = lambda online: updates.append(1) or update(online)
+    calls = []
+    forward = run.objective.forward
+    run.objective.forward = lambda stream, batch: calls.append(stream) or forward(stream, batch)
+    trainer = Trainer(run.cfg.train, tmp_path, make_accelerator(run.cfg.train), quiet=True)
+    trainer.fit(run.objective, run.streams)
+    assert len(calls) == 6 and set(calls) == {"image_text", "vqa"}
+    assert int(run.objective.step) == 3 and len(updates) == 3
+    assert run.objective.current_alpha() == pytest.approx(0.4 * 3 / 10)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 autocast step is checked on the GPU machine")
@@ -121,23 +169,22 @@ def test_bf16_step_on_cuda(tmp_path, tiny_overrides):
 
 
 def test_fusion_lr_scale_speeds_up_only_the_fusion_layers_and_their_heads():
-    from mmfm.config import ModelConfig, TrainConfig
+    from mmfm.config import ModelConfig, ObjectiveConfig, TrainConfig
     from mmfm.engine.schedule import lr_factor
     from mmfm.engine.trainer import make_optimizer
     from mmfm.models.model import MMFM
-    from mmfm.objectives.tasks import MultiTaskObjective
+    from mmfm.tasks.objective import TaskObjective
 
     model = MMFM(ModelConfig(width=64, depth=3, heads=2, fusion_layer=2, fusion_mode="cross", img_size=32,
-                             patch_size=8, itm_pair_features=True, momentum=0.0, queue_size=0,
-                             answers={"vqa": ["yes", "no"]}))
-    objective = MultiTaskObjective(model, {"itc": 1.0, "itm": 1.0}, ["image_text"], 10)
+                             patch_size=8, itm_pair_features=True), answers={"vqa": ["yes", "no"]})
+    objective = TaskObjective(model, ObjectiveConfig(momentum=0.0, queue_size=0), ["image_text"], 10)
     optimizer = make_optimizer(objective, TrainConfig(lr=1e-3, fusion_lr_scale=5.0), torch.device("cpu"))
     lr_of = {id(p): (group["lr"], group["weight_decay"]) for group in optimizer.param_groups for p in group["params"]}
     assert len(lr_of) == sum(1 for p in objective.parameters() if p.requires_grad)
     fast = (model.trunk.blocks[2].mlp.fc1.weight, model.itm_head.weight, model.itm_pair_head.weight,
             model.answer_heads["vqa"][0].weight)
     assert all(lr_of[id(p)][0] == pytest.approx(5e-3) for p in fast)
-    slow = (model.trunk.blocks[1].mlp.fc1.weight, model.trunk.patch_embed.proj.weight, model.text_proj.weight)
+    slow = (model.trunk.blocks[1].mlp.fc1.weight, model.trunk.vision_tokenizer.proj.weight, model.text_proj.weight)
     assert all(lr_of[id(p)] == (pytest.approx(1e-3), 0.02) for p in slow)
     assert lr_of[id(model.trunk.blocks[2].norm1.weight)] == (pytest.approx(5e-3), 0.0)
     assert lr_of[id(model.temp)] == (pytest.approx(1e-3), 0.0)
@@ -147,16 +194,21 @@ def test_fusion_lr_scale_speeds_up_only_the_fusion_layers_and_their_heads():
     assert sorted({round(lr / min(scheduler.get_last_lr()), 6) for lr in scheduler.get_last_lr()}) == [1.0, 5.0]
 
 
-def test_questions_on_alignment_batches_train_answer_heads_only_through_fusion_layers():
+def test_questions_on_alignment_batches_train_answer_heads_only_through_fusion_layers(tiny_shapes):
     from mmfm.config import load_config
-    from mmfm.factory import answer_heads
+    from mmfm.run import answer_lists
+    from mmfm.tasks import get_task
+
+    def heads(cfg, streams):
+        return set(answer_lists(cfg, [get_task(s) for s in streams]))
 
     demo = ROOT / "configs" / "demo_shapes.yaml"
     streams = ["image_text", "video_text"]
-    assert answer_heads(load_config(demo, []), streams) == {"vqa", "video_qa"}
-    contrastive_only = load_config(demo, ["model.fusion_layer=5"])
-    assert answer_heads(contrastive_only, streams) == set(), "the ablation's heads would never be trained"
-    assert answer_heads(contrastive_only, [*streams, "vqa"]) == {"vqa"}, "a VQA stream trains its head itself"
+    root = [f"data.root={tiny_shapes}"]
+    assert heads(load_config(demo, root), streams) == {"vqa", "video_qa"}
+    contrastive_only = load_config(demo, [*root, "model.fusion_layer=5"])
+    assert heads(contrastive_only, streams) == set(), "the ablation's heads would never be trained"
+    assert heads(contrastive_only, [*streams, "vqa"]) == {"vqa"}, "a VQA stream trains its head itself"
 
 
 def test_contrastive_only_ablation_trains_and_reports_no_answer_figures(tmp_path, tiny_overrides):

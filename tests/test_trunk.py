@@ -1,4 +1,7 @@
-"""UnifiedTrunk: timm ViT oracle, packing, temporal rolling, fusion modes, tubelets, gradient checkpointing."""
+"""UnifiedTrunk: timm ViT oracle, packing, temporal rolling, fusion modes, gradient checkpointing.
+
+The vision tokenizers themselves (patch, conv, backbone, tubelet) are tested in test_vision_tokenizers.py.
+"""
 
 import pytest
 import timm
@@ -7,6 +10,7 @@ import torch.nn.functional as F
 
 import mmfm.layers.attention as attn_mod
 from mmfm.config import ModelConfig
+from mmfm.data.transforms import native_size
 from mmfm.errors import ModelError
 from mmfm.layers.rolling import roll_index
 from mmfm.models.model import MMFM
@@ -62,6 +66,34 @@ def test_from_timm_rejects_register_vits():
         UnifiedTrunk.from_timm(vit)
 
 
+@pytest.fixture(scope="module")
+def tiny_vit():
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1)
+
+
+def test_from_timm_puts_the_patch_embedding_in_the_vision_tokenizer(tiny_vit):
+    state = UnifiedTrunk.from_timm(tiny_vit).state_dict()
+    assert not any(key.startswith("patch_embed.") for key in state)
+    assert torch.equal(state["vision_tokenizer.proj.weight"], tiny_vit.patch_embed.proj.weight)
+    assert torch.equal(state["vision_tokenizer.proj.bias"], tiny_vit.patch_embed.proj.bias)
+
+
+def test_from_timm_inflates_the_loaded_patch_embedding_into_tubelets(tiny_vit):
+    tokenizer = UnifiedTrunk.from_timm(tiny_vit, vision_tokenizer="tubelet").vision_tokenizer
+    expected = tiny_vit.patch_embed.proj.weight[:, :, None] / 2
+    assert torch.equal(tokenizer.tubelet_proj.weight, expected.expand_as(tokenizer.tubelet_proj.weight))
+    assert torch.equal(tokenizer.tubelet_proj.bias, tiny_vit.patch_embed.proj.bias)
+
+
+def test_timm_weights_need_a_patch_tokenizer_of_the_same_shape(tiny_vit):
+    with pytest.raises(ModelError, match="no linear patch embedding"):
+        UnifiedTrunk.from_timm(tiny_vit, vision_tokenizer="conv")
+    narrow = UnifiedTrunk(width=96, depth=1, num_heads=3, img_size=224, patch_size=16)
+    with pytest.raises(ModelError, match="does not fit the trunk"):
+        narrow.load_timm(tiny_vit)
+
+
 # ---- packing -----------------------------------------------------------------------------------------
 
 
@@ -103,6 +135,14 @@ def test_packed_images_of_different_sizes_equal_each_alone(padded_calls):
     alone = _alone(trunk, [trunk.embed_image(img[None]) for img in images])
     assert max_diff(packed, alone) <= 1e-5
     assert max(padded_calls) < len(packed)
+
+
+def test_native_aspect_sizes_pack_on_the_patch_grid():
+    trunk = small_trunk()
+    sizes = [native_size(width, height, SIZE, PATCH) for width, height in [(50, 20), (40, 70), (33, 33)]]
+    assert sizes == [(16, 32), (32, 24), (32, 32)]
+    batch = trunk.embed_images_packed([randn(3, *size) for size in sizes])
+    assert batch.packed.lengths == [1 + 2 * 4, 1 + 4 * 3, 1 + 4 * 4]
 
 
 @torch.no_grad()
@@ -280,7 +320,7 @@ def test_key_bias_is_inert_and_gets_no_gradient(mode, run):
 def small_model():
     torch.manual_seed(0)
     cfg = ModelConfig(width=64, depth=4, heads=2, fusion_layer=2, img_size=SIZE, patch_size=PATCH,
-                      context_length=16, max_frames=4, embed_dim=32, queue_size=64)
+                      context_length=16, max_frames=4, embed_dim=32)
     return MMFM(cfg).eval()
 
 
@@ -308,42 +348,14 @@ def test_mixed_text_image_video_batch_in_one_forward(small_model):
         assert logits.shape == (3, 2) and torch.isfinite(logits).all()
 
 
-# ---- tubelets ----------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def test_tubelet_still_clip_embeds_like_its_image():
-    trunk = small_trunk(tubelet_size=2)
-    image = randn(1, 3, SIZE, SIZE)
-    still = image[:, None].expand(1, 5, 3, SIZE, SIZE)
-    per_frame = trunk._frame_tokens(still)
-    assert per_frame.shape[1] == 3, "first frame alone + two 2-frame tubelets"
-    image_tokens, _ = trunk._patch_tokens(image)
-    for frame in range(3):
-        assert max_diff(per_frame[:, frame], image_tokens) <= 1e-5
-
-
-@torch.no_grad()
-def test_tubelet_video_shapes_rolling_and_errors():
-    trunk = small_trunk(tubelet_size=4)
-    batch = trunk.embed_video(randn(2, 9, 3, SIZE, SIZE))
-    assert batch.x.shape == (2, 1 + 3 * PER_FRAME, 64)
-    assert torch.equal(batch.roll, roll_index(3, PER_FRAME))
-    image_like = trunk.embed_video(randn(2, 1, 3, SIZE, SIZE))
-    assert image_like.x.shape == (2, 1 + PER_FRAME, 64) and image_like.roll is None
-    with pytest.raises(ModelError, match="1 \\+ k\\*4"):
-        trunk.embed_video(randn(1, 4, 3, SIZE, SIZE))
-    packed = trunk.embed_videos_packed([randn(5, 3, SIZE, SIZE), randn(9, 3, SIZE, SIZE)])
-    assert packed.packed.lengths == [1 + 2 * PER_FRAME, 1 + 3 * PER_FRAME]
-
-
-def test_tubelet_from_timm_inflates_the_loaded_patch_embedding():
-    torch.manual_seed(0)
-    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=1)
-    trunk = UnifiedTrunk.from_timm(vit, tubelet_size=2)
-    expected = vit.patch_embed.proj.weight[:, :, None] / 2
-    assert torch.equal(trunk.tubelet_embed.weight, expected.expand_as(trunk.tubelet_embed.weight))
-    assert torch.equal(trunk.tubelet_embed.bias, vit.patch_embed.proj.bias)
+def test_model_builds_its_trunk_with_the_vision_tokenizer_and_attention_backend():
+    cfg = ModelConfig(width=32, depth=2, heads=2, fusion_layer=2, img_size=SIZE, patch_size=PATCH, context_length=16,
+                      embed_dim=16, vision_tokenizer="tubelet", vision_tokenizer_kwargs={"tubelet_size": 3})
+    model = MMFM(cfg, attention_backend="math")
+    assert model.trunk.vision_tokenizer.tubelet_size == 3
+    assert {block.attn.backend for block in model.trunk.blocks} == {"math"}
+    assert not model.trunk.fuses and small_trunk().fuses
+    assert "trunk.vision_tokenizer.proj.weight" in model.state_dict()
 
 
 @pytest.mark.parametrize("bigram", [True, False])

@@ -1,10 +1,9 @@
 """`mmfm zoo ...` through the real console-script entry point, and the README generator."""
 
 import hashlib
+import importlib.util
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,8 @@ DATA = os.urandom(4096)
 def zoo_cli(tmp_path, monkeypatch):
     """Run `mmfm zoo ...` in-process on a one-entry zoo whose weights sit next to the manifest."""
     monkeypatch.setattr(cli, "COMMAND_MODULES", ("mmfm.zoo.cli",))  # mmfm.inference.cli is not ours
-    manifest = isolate_zoo(tmp_path, monkeypatch, [manifest_entry("tiny", DATA, ["file:tiny.safetensors"])])
+    entry = manifest_entry("tiny", DATA, ["file:tiny.safetensors"], tasks=["image_text", "video_text"])
+    manifest = isolate_zoo(tmp_path, monkeypatch, [entry])
     (manifest.parent / "tiny.safetensors").write_bytes(DATA)
     return lambda *argv: cli.main(["--quiet", "zoo", *argv])
 
@@ -57,7 +57,7 @@ def test_list_info_and_clear(zoo_cli, capsys):
     zoo_cli("download", "tiny")
     capsys.readouterr()
     assert zoo_cli("list") == 0
-    assert capsys.readouterr().out.split() == ["tiny", "retrieval", "4.0", "KiB", "cached"]
+    assert capsys.readouterr().out.split() == ["tiny", "image_text,video_text", "4.0", "KiB", "cached"]
     assert zoo_cli("info", "tiny") == 0
     assert yaml.safe_load(capsys.readouterr().out)["metrics"] == {"txt_r1": 12.5}
     assert zoo_cli("clear", "tiny") == 0
@@ -65,49 +65,63 @@ def test_list_info_and_clear(zoo_cli, capsys):
     assert zoo_cli("verify") == 0 and capsys.readouterr().out.startswith("missing")
 
 
-def test_publish_command_adds_an_entry(zoo_cli, tmp_path, capsys):
+def write_run(run: Path) -> None:
+    """A run folder whose checkpoint carries format-2 metadata (the zoo reads only that, not the tensors)."""
     import torch
     from safetensors.torch import save_file
 
-    run = tmp_path / "run"
     run.mkdir()
-    save_file(
-        {"w": torch.zeros(2)},
-        str(run / "model.safetensors"),
-        metadata={"mmfm_config": "{}", "mmfm_format": "1"},
-    )
+    metadata = {
+        "mmfm_arch": json.dumps({"arch": "mmfm-demo", "family": "mmfm"}),
+        "mmfm_preprocess": json.dumps({"image_size": 64, "mean": [0.5], "std": [0.5], "num_frames": 2}),
+        "mmfm_answers": json.dumps({"vqa": ["yes", "no"]}),
+        "mmfm_format": "2",
+    }
+    save_file({"w": torch.zeros(2)}, str(run / "model.safetensors"), metadata=metadata)
     (run / "metrics.json").write_text(json.dumps({"vqa_acc": 55.0}))
-    assert zoo_cli("publish", str(run), "--name", "tiny-vqa", "--task", "vqa", "--tag", "shapes") == 0
-    assert json.loads(capsys.readouterr().out.split("\nregenerate")[0])["tags"] == ["shapes"]
-    assert zoo_cli("publish", str(run), "--name", "tiny-vqa") == 2
+    (run / "config.yaml").write_text(yaml.safe_dump({"train": {"tasks": {"image_text": 1.0}}}))
+
+
+def test_publish_command_adds_an_entry(zoo_cli, tmp_path, capsys):
+    write_run(tmp_path / "run")
+    run = str(tmp_path / "run")
+    argv = ("--name", "tiny-vqa", "--task", "vqa", "--task", "image_text", "--tag", "shapes")
+    assert zoo_cli("publish", run, *argv) == 0
+    entry = json.loads(capsys.readouterr().out.split("\nregenerate")[0])
+    assert entry["tags"] == ["shapes"] and entry["tasks"] == ["vqa", "image_text"]
+    assert entry["architecture"] == {"arch": "mmfm-demo", "family": "mmfm"}
+    assert entry["preprocessing"] == {"image_size": 64, "mean": [0.5], "std": [0.5], "num_frames": 2}
+    assert zoo_cli("publish", run, "--name", "tiny-vqa") == 2
     assert "already exists" in capsys.readouterr().err
+    assert zoo_cli("publish", run, "--name", "tiny-rt") == 0
+    assert json.loads(capsys.readouterr().out.split("\nregenerate")[0])["tasks"] == ["image_text"]
+    assert zoo_cli("publish", run, "--name", "tiny-x", "--task", "retrieval") == 2
+    assert "task 'retrieval' is not a task" in capsys.readouterr().err
 
 
-def run_readme_tool(manifest: Path, *extra: str) -> subprocess.CompletedProcess:
-    tool = REPO / "tools" / "make_zoo_readme.py"
-    return subprocess.run(
-        [sys.executable, str(tool), "--manifest", str(manifest), *extra],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+@pytest.fixture
+def readme_tool():
+    """`tools/make_zoo_readme.py`'s main, run in-process: a subprocess would import torch again per call.
+
+    The script itself runs as a subprocess in test_zoo_manifest.py (on the repository's manifest)."""
+    spec = importlib.util.spec_from_file_location("make_zoo_readme", REPO / "tools" / "make_zoo_readme.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return lambda manifest, *extra: module.main(["--manifest", str(manifest), *extra])
 
 
-def test_readme_check_detects_a_stale_table(tmp_path):
+def test_readme_check_detects_a_stale_table(tmp_path, readme_tool, capsys):
     manifest = tmp_path / "models.yaml"
-    manifest.write_text(
-        MANIFEST_HEADER
-        + yaml.safe_dump([manifest_entry("tiny", DATA, ["file:tiny.safetensors"], params=2_500_000)])
-    )
-    assert run_readme_tool(manifest, "--check").returncode == 1  # no README yet
-    assert run_readme_tool(manifest).returncode == 0
+    entry = manifest_entry("tiny", DATA, ["file:tiny.safetensors"], tasks=["vqa", "image_text"], params=2_500_000)
+    manifest.write_text(MANIFEST_HEADER + yaml.safe_dump([entry]))
+    assert readme_tool(manifest, "--check") == 1  # no README yet
+    assert readme_tool(manifest) == 0
     readme = (tmp_path / "README.md").read_text()
+    assert "`mmfm_arch`" in readme and 'mmfm.create_model("NAME")' in readme
     row = next(line for line in readme.splitlines() if line.startswith("| `tiny`"))
-    assert (
-        row
-        == f"| `tiny` | retrieval | 2.5M | txt_r1 12.50 | 4.0 KiB | apache-2.0 | `{hashlib.sha256(DATA).hexdigest()[:12]}` |"
-    )
-    assert run_readme_tool(manifest, "--check").returncode == 0
+    sha = hashlib.sha256(DATA).hexdigest()
+    assert row == f"| `tiny` | vqa, image_text | tiny | 2.5M | txt_r1 12.50 | 4.0 KiB | apache-2.0 | `{sha[:12]}` |"
+    assert readme_tool(manifest, "--check") == 0
     manifest.write_text(manifest.read_text().replace("12.5", "13.5"))
-    result = run_readme_tool(manifest, "--check")
-    assert result.returncode == 1 and "stale" in result.stderr
+    capsys.readouterr()
+    assert readme_tool(manifest, "--check") == 1 and "stale" in capsys.readouterr().err

@@ -8,8 +8,11 @@ import pytest
 import yaml
 from zoo_server import isolate_zoo, manifest_entry
 
+import mmfm
 from mmfm import zoo
+from mmfm.architectures import list_architectures
 from mmfm.errors import ZooError
+from mmfm.tasks import list_tasks
 from mmfm.zoo.manifest import DEFAULT_MANIFEST, find_entry, load_manifest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,7 +48,9 @@ def test_unknown_name_without_close_match_points_to_the_list(tmp_path, monkeypat
         (lambda e: e["files"]["weights"].pop("sha256"), r"files\.weights: missing key 'sha256'"),
         (lambda e: e["files"]["weights"].update(sha256="abc"), "64 hex digits"),
         (lambda e: e["files"]["weights"].update(sources=["ftp://x/y"]), "must start with one of"),
-        (lambda e: e.update(task="dance"), "task 'dance' is not one of"),
+        (lambda e: e.update(tasks="vqa"), "key 'tasks' must be a list"),
+        (lambda e: e.update(tasks=[]), "key 'tasks' must be a non-empty list"),
+        (lambda e: e.update(task="vqa"), r"unknown key 'task'"),
         (lambda e: e["preprocessing"].update(crop=1), r"preprocessing: unknown key 'crop'"),
     ],
 )
@@ -55,6 +60,15 @@ def test_schema_errors_name_entry_and_key(tmp_path, monkeypatch, change, message
     write(tmp_path, monkeypatch, entry)
     with pytest.raises(ZooError, match=message):
         load_manifest()
+
+
+def test_unknown_task_is_rejected_naming_entry_task_and_the_valid_ones(tmp_path, monkeypatch):
+    write(tmp_path, monkeypatch, manifest_entry("tiny", DATA, ["file:a"], tasks=["vqa", "retrieval"]))
+    with pytest.raises(ZooError) as info:
+        load_manifest()
+    message = str(info.value)
+    assert "entry #0 (tiny): task 'retrieval' is not a task" in message
+    assert message.endswith("use one of " + ", ".join(list_tasks()))
 
 
 def test_duplicate_names_are_rejected(tmp_path, monkeypatch):
@@ -86,11 +100,16 @@ def test_list_models_and_info(tmp_path, monkeypatch):
         tmp_path,
         monkeypatch,
         manifest_entry("b-model", DATA, ["file:b"]),
-        manifest_entry("a-model", DATA, ["file:a"], task="vqa"),
+        manifest_entry("a-model", DATA, ["file:a"], tasks=["vqa", "image_text"]),
     )
     assert zoo.list_models() == ["a-model", "b-model"]
     assert zoo.list_models(task="vqa") == ["a-model"]
-    assert zoo.list_models(pretrained=False) == ["tiny"]
+    assert zoo.list_models(task="image_text") == ["a-model", "b-model"]
+    assert zoo.list_models(task="segmentation") == []
+    with pytest.raises(ZooError, match="task 'retrieval' is not a task; use one of vqa"):
+        zoo.list_models(task="retrieval")
+    assert mmfm.list_models(task="vqa") == ["a-model"]
+    assert mmfm.list_models(pretrained=False) == list_architectures()
     details = zoo.info("a-model")
     assert details["metrics"] == {"txt_r1": 12.5}
     assert details["cache_path"].endswith("a-model/" + details["files"]["weights"]["sha256"][:12] + "/a")

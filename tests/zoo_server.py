@@ -155,14 +155,14 @@ def manifest_entry(name: str, data: bytes, sources: list[str], **overrides) -> d
     entry = {
         "name": name,
         "description": f"test entry {name}",
-        "task": "retrieval",
-        "architecture": {"name": "tiny", "depth": 2},
+        "tasks": ["image_text"],
+        "architecture": {"arch": "tiny", "family": "mmfm", "depth": 2},
         "files": {
             "weights": {"sources": sources, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
         },
         "license": "apache-2.0",
         "metrics": {"txt_r1": 12.5},
-        "preprocessing": {"image_size": 32, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]},
+        "preprocessing": {"image_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3, "num_frames": 4},
     }
     entry.update(overrides)
     return entry

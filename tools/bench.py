@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent / "benchmarks"
-sys.path.insert(0, str(BENCH_DIR.parent.parent))
 
 
 def available() -> list[str]:

@@ -24,16 +24,9 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from mmfm.layers.attention import PackedSeqs, attention, packed_attention, xformers_available
 
-from mmfm.layers.attention import (
-    PackedSeqs,
-    attention,
-    packed_attention,
-    set_backend,
-    xformers_available,
-)
+REPO = Path(__file__).resolve().parents[1]
 
 FULL = {"device": "cuda", "frames": [8, 16, 32, 64], "size": 224, "vit": "vit_small_patch16_224", "batch": 128,
         "demo_batch": 64, "texts": 256, "timed": 20}
@@ -114,14 +107,16 @@ def check_equality(sizes) -> dict:
     return result
 
 
+ANSWERS = {"vqa": [f"answer {i}" for i in range(20)], "video_qa": [f"event {i}" for i in range(10)]}
+
+
 def _demo_config(sizes):
     from mmfm.config import load_config
 
-    model = load_config(REPO / "configs" / "demo_shapes.yaml").model
+    cfg = load_config(REPO / "configs" / "demo_shapes.yaml", ["objective.momentum=0.995", "objective.queue_size=16"])
     if sizes["device"] == "cpu":
-        model.width, model.depth, model.heads, model.fusion_layer, model.queue_size = 32, 2, 2, 1, 16
-    model.answers = {"vqa": [f"answer {i}" for i in range(20)], "video_qa": [f"event {i}" for i in range(10)]}
-    return model
+        cfg.model.width, cfg.model.depth, cfg.model.heads, cfg.model.fusion_layer = 32, 2, 2, 1
+    return cfg
 
 
 def _demo_batches(model, batch_size, device):
@@ -142,23 +137,23 @@ def _demo_batches(model, batch_size, device):
         "image_text": {"image": image, "text_ids": ids, "text_mask": mask, "image_id": pair_ids},
         "video_text": {"video": video, "text_ids": ids, "text_mask": mask, "video_id": pair_ids},
         "vqa": {"image": image, "question_ids": ids, "question_mask": mask,
-                "target": target(len(model.cfg.answers["vqa"]))},
+                "target": target(len(model.answers["vqa"]))},
         "video_qa": {"video": video, "question_ids": ids, "question_mask": mask,
-                     "target": target(len(model.cfg.answers["video_qa"]))},
+                     "target": target(len(model.answers["video_qa"]))},
     }
 
 
 def _train_step(backend, sizes) -> dict:
     from mmfm.models.model import MMFM
-    from mmfm.objectives.tasks import MultiTaskObjective
+    from mmfm.tasks.objective import TaskObjective
 
     device = sizes["device"]
     torch.manual_seed(0)
-    cfg = _demo_config(sizes)
-    cfg.attention_backend = backend
-    model = MMFM(cfg).to(device).train()
+    run_cfg = _demo_config(sizes)
+    cfg = run_cfg.model
+    model = MMFM(cfg, ANSWERS, attention_backend=backend).to(device).train()
     batches = _demo_batches(model, sizes["demo_batch"], device)
-    objective = MultiTaskObjective(model, {}, list(batches), alpha_warmup_steps=1).to(device)
+    objective = TaskObjective(model, run_cfg.objective, list(batches), alpha_warmup_steps=1).to(device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     losses = {}
     synchronize(device)
@@ -180,27 +175,26 @@ def _train_step(backend, sizes) -> dict:
 
 def check_train_step(sizes) -> dict:
     runs = {name: _train_step(name, sizes) for name in backends(sizes["device"]) if name != "math"}
-    set_backend(None)  # MMFM(cfg) forced the backend of its config for the whole process
     return {"ok": all(r["ok"] for r in runs.values()), **runs}
 
 
-def _vit_s_trunk(sizes, max_frames):
+def _vit_s_trunk(sizes, max_frames, backend):
     from mmfm.models.trunk import UnifiedTrunk
 
     torch.manual_seed(0)
     small = sizes["device"] == "cpu"
     return UnifiedTrunk(width=64 if small else 384, depth=2 if small else 12, num_heads=2 if small else 6,
-                        img_size=sizes["size"], patch_size=16, max_frames=max_frames).to(sizes["device"]).eval()
+                        img_size=sizes["size"], patch_size=16, max_frames=max_frames,
+                        attention_backend=backend).to(sizes["device"]).eval()
 
 
 def check_video_memory(sizes) -> dict:
     """Peak CUDA memory of one clip's forward (fp32), per backend and frame count; CPU dry run: runs only."""
     device, frames = sizes["device"], sizes["frames"]
-    trunk = _vit_s_trunk(sizes, max(frames))
     result = {"frames": frames, "size": sizes["size"], "dtype": "float32"}
     for name in backends(device):
         peaks, seconds = [], []
-        set_backend(name)
+        trunk = _vit_s_trunk(sizes, max(frames), name)
         for count in frames:
             clip = torch.randn(1, count, 3, sizes["size"], sizes["size"], device=device)
             if device == "cuda":
@@ -219,7 +213,7 @@ def check_video_memory(sizes) -> dict:
                 raise FloatingPointError(f"{name}: non-finite output at {count} frames")
             del out, clip
         result[f"peak_mib_{name}"], result[f"seconds_{name}"] = peaks, seconds
-    set_backend(None)
+        del trunk
     result["tokens"] = [1 + n * (sizes["size"] // 16) ** 2 for n in frames]
     result["ok"] = True
     return result
@@ -246,37 +240,34 @@ def check_throughput(sizes) -> dict:
     device, repeats = sizes["device"], sizes["timed"]
     torch.manual_seed(0)
     vit = timm.create_model(sizes["vit"], pretrained=False, img_size=sizes["size"]).to(device).eval()
-    trunk = UnifiedTrunk.from_timm(vit, context_length=77).to(device).eval()
+    trunks = {name: UnifiedTrunk.from_timm(vit, context_length=77, attention_backend=name).to(device).eval()
+              for name in backends(device)}
     x = torch.randn(sizes["batch"], 3, sizes["size"], sizes["size"], device=device)
     result = {"model": sizes["vit"], "batch": sizes["batch"]}
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     for label, dtype in dtypes.items():
         with torch.autocast(device_type=device, dtype=dtype, enabled=dtype != torch.float32):
             result[f"timm_img_s_{label}"] = _per_second(vit.forward_features, x, repeats, device)
-            for name in backends(device):
-                set_backend(name)
+            for name, trunk in trunks.items():
                 result[f"mmfm_{name}_img_s_{label}"] = _per_second(trunk.forward_image, x, repeats, device)
-    set_backend(None)
-    result.update(_text_packing_throughput(trunk, sizes))
+    result.update(_text_packing_throughput(trunks, sizes))
     result["ok"] = True
     return result
 
 
-def _text_packing_throughput(trunk, sizes) -> dict:
+def _text_packing_throughput(trunks, sizes) -> dict:
     device, count = sizes["device"], sizes["texts"]
     generator = torch.Generator().manual_seed(0)
     lengths = torch.randint(4, 78, (count,), generator=generator)
     ids = torch.randint(0, 1000, (count, 77), generator=generator).to(device)
     mask = (torch.arange(77)[None] < lengths[:, None]).to(device)
-    runs = {"padded": lambda _: trunk.unimodal(trunk.embed_text(ids, mask)).x,
-            "packed": lambda _: trunk.unimodal(trunk.embed_texts_packed(ids, mask)).x}
     out = {}
     with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=device == "cuda"):
-        for name in backends(device):
-            set_backend(name)
+        for name, trunk in trunks.items():
+            runs = {"padded": lambda _, trunk=trunk: trunk.unimodal(trunk.embed_text(ids, mask)).x,
+                    "packed": lambda _, trunk=trunk: trunk.unimodal(trunk.embed_texts_packed(ids, mask)).x}
             for layout, forward in runs.items():
                 out[f"texts_s_{layout}_{name}"] = _per_second(forward, ids, sizes["timed"], device)
-    set_backend(None)
     return out
 
 

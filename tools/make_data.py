@@ -7,10 +7,10 @@ sample sheets used by the docs (shapes_grid.png, shapes_video.png).
 
 import argparse
 import json
+import os
 import sys
+import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mmfm.data import shapes
 from mmfm.errors import DataError
@@ -23,16 +23,13 @@ def _existing_params(out: Path) -> dict | None:
         return None
 
 
-def _print_summary(summary: dict) -> None:
+def _print_summary(summary: dict, seconds: float, workers: int) -> None:
     print(f"{'split':<11} {'images':>7} {'videos':>7} {'img QA':>7} {'vid QA':>7}")
     for split, c in summary["counts"].items():
         print(
             f"{split:<11} {c['images']:>7} {c['videos']:>7} {c['image_questions']:>7} {c['video_questions']:>7}"
         )
-    print(
-        f"binding probes: {summary['binding_probes']}; "
-        f"{summary['timing']['seconds']} s on {summary['timing']['workers']} workers"
-    )
+    print(f"binding probes: {summary['binding_probes']}; {seconds:.2f} s on {workers} workers")
 
 
 def write_grid_preview(data_dir: Path, path: Path, count: int = 12) -> None:
@@ -126,11 +123,13 @@ def shapes_command(args: argparse.Namespace) -> int:
     if args.if_missing and _existing_params(args.out) == params:
         print(f"ShapesWorld already in {args.out} (same parameters); nothing to do")
     else:
+        workers = (os.cpu_count() or 1) if args.workers is None else args.workers
+        started = time.perf_counter()
         try:
-            summary = shapes.generate(args.out, workers=args.workers, **params)
+            summary = shapes.generate(args.out, workers=workers, **params)
         except DataError as err:
             raise SystemExit(f"make_data.py shapes: {err}") from None
-        _print_summary(summary)
+        _print_summary(summary, time.perf_counter() - started, workers)
     if args.preview_dir:
         args.preview_dir.mkdir(parents=True, exist_ok=True)
         write_grid_preview(args.out, args.preview_dir / "shapes_grid.png")

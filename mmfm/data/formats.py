@@ -13,8 +13,9 @@ Each format has a map-style dataset here (video ones in `mmfm.data.video`); all 
 randomness from (seed, global index) — see `AnnotationDataset`.
 
 Real datasets are converted to it: `load_vqav2` (official questions + annotations files) and
-`load_msrvtt` (MSRVTT-style video JSON). `normalize_answer` and `vqa_soft_scores` follow the official
-VQAv2 evaluator (github.com/GT-Vision-Lab/VQA, vqaEval.py).
+`load_msrvtt` (MSRVTT-style video JSON). `strip_punctuation` and `normalize_answer` are the official
+VQAv2 evaluator's answer processing (github.com/GT-Vision-Lab/VQA, vqaEval.py); `vqa_soft_scores`
+turns annotator counts into that evaluator's accuracy.
 """
 
 from __future__ import annotations
@@ -85,8 +86,13 @@ _PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")  # sic: the official pattern
 _COMMA_BETWEEN_DIGITS = re.compile(r"(\d)(,)(\d)")
 
 
-def _strip_punctuation(text: str) -> str:
-    """Official `processPunctuation`: drop or space out punctuation, strip periods not before a digit."""
+def strip_punctuation(text: str) -> str:
+    """Official `processPunctuation`: drop or space out punctuation, strip periods not before a digit.
+
+    Each mark is deleted everywhere when it stands next to a space somewhere in the text or the text
+    has a comma between digits ("1,000" → "1000"); otherwise each occurrence becomes a space
+    ("t-shirt" → "t shirt").
+    """
     out = text
     has_digit_comma = _COMMA_BETWEEN_DIGITS.search(text) is not None
     for p in _PUNCTUATION:
@@ -98,22 +104,36 @@ def _strip_punctuation(text: str) -> str:
 
 
 def _digits_articles_contractions(text: str) -> str:
-    """Official `processDigitArticle`: number words → digits, drop articles, restore contractions."""
+    """Official `processDigitArticle`: lower-case, number words → digits, drop articles, contractions."""
     words = [_NUMBER_WORDS.get(w, w) for w in text.lower().split()]
     words = [_CONTRACTIONS.get(w, w) for w in words if w not in _ARTICLES]
     return " ".join(words)
 
 
 def normalize_answer(answer: str) -> str:
-    """Normalise a VQA answer exactly as the official VQAv2 evaluator does."""
+    """Normalise a VQA answer as the official VQAv2 evaluator normalises a prediction.
+
+    The evaluator processes ground truths less (see `mmfm.evaluation.vqa.vqa_accuracy`).
+    """
     text = answer.replace("\n", " ").replace("\t", " ").strip()
-    return _digits_articles_contractions(_strip_punctuation(text))
+    return _digits_articles_contractions(strip_punctuation(text))
+
+
+# Official accuracy of predicting an answer that c of 10 annotators gave: (c·min(1, (c−1)/3) +
+# (10−c)·min(1, c/3)) / 10 = 0.3, 0.6, 0.9, 1.0 for c = 1, 2, 3, ≥4 (BUTD / ViLT soft scores).
+_SCORE_BY_COUNT = {1: 0.3, 2: 0.6, 3: 0.9}
 
 
 def vqa_soft_scores(answers: list[str]) -> dict[str, float]:
-    """VQAv2 soft score per distinct normalised answer: min(#annotators who gave it / 3, 1)."""
+    """Training soft score per distinct normalised answer: 0.3, 0.6, 0.9, 1.0 for 1, 2, 3, ≥4 annotators.
+
+    The count→score map is the official accuracy that predicting the answer earns (min(c/3, 1) would
+    give more for c ≤ 3). Unlike the evaluator, both the annotators' answers and the
+    answer list (`VQADataset.answer_index`) go through `normalize_answer`, so "Two" and "2" pool
+    their votes on the one class the model can output.
+    """
     counts = Counter(normalize_answer(a) for a in answers)
-    return {answer: min(count / 3.0, 1.0) for answer, count in counts.items()}
+    return {answer: _SCORE_BY_COUNT.get(count, 1.0) for answer, count in counts.items()}
 
 
 # --- reading annotation files ---
@@ -392,8 +412,8 @@ class RetrievalEvalDataset(AnnotationDataset):
 class VQADataset(AnnotationDataset):
     """VQA (ALBEF json) → image, question, answers, soft-score target over `answer_list`, ids.
 
-    `target[k]` = min(#annotators giving answer_list[k] / 3, 1) after the official normalisation;
-    answers outside the list get no target mass. `answer_list` is a list or a JSON file (a list).
+    `target[k]` = the soft score of answer_list[k] (`vqa_soft_scores`: 0.3 / 0.6 / 0.9 / 1.0 for 1 / 2 /
+    3 / ≥4 annotators, after `normalize_answer`); answers outside the list get no target mass. `answer_list` is a list or a JSON file (a list).
     A horizontal flip swaps left/right in the question and the answers.
     """
 

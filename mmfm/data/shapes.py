@@ -23,7 +23,6 @@ import json
 import math
 import os
 import random
-import time
 from multiprocessing import Pool
 from pathlib import Path
 
@@ -790,10 +789,13 @@ def generate(
     seed: int = 0,
     workers: int | None = None,
 ) -> dict:
-    """Write the ShapesWorld corpus under `out_dir` and return its summary (also in summary.json)."""
+    """Write the ShapesWorld corpus under `out_dir` and return its summary (also in summary.json).
+
+    The summary holds what was made, never how long it took, so one seed gives byte-identical files;
+    callers time the call themselves (`tools/make_data.py` prints it, `tools/bench.py data` reports it).
+    """
     out_dir = Path(out_dir)
     _check_arguments(out_dir, images, videos, size, frames, workers)
-    started = time.perf_counter()
     counts = split_counts(images, videos)
     tasks = []
     for split in IMAGE_SPLITS:
@@ -845,7 +847,6 @@ def generate(
             for split in IMAGE_SPLITS
         },
         "binding_probes": len(files["binding_test.json"]),
-        "timing": {"seconds": round(time.perf_counter() - started, 2), "workers": workers},
     }
     _write_json(out_dir / "annotations" / "summary.json", summary)
     return summary

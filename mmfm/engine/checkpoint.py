@@ -64,9 +64,3 @@ def save_checkpoint(accelerator, output: Path, step: int, train_state: dict, kee
     for old in list_checkpoints(output)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

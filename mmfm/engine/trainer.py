@@ -1,8 +1,8 @@
 """The training loop: accelerate devices / mixed precision / DDP, task-stream mixing, atomic checkpoints,
 exact resume, progress bar, TensorBoard, history and curves.
 
-The loop only knows an ``objective`` module that maps ``(stream, batch)`` to a dict of losses, and the
-datasets of its streams; it never imports a concrete model.
+The loop only knows an ``Objective`` (below) and the datasets of its streams; it never imports a concrete
+model or task.
 """
 
 import contextlib
@@ -22,8 +22,24 @@ from tqdm import tqdm
 from mmfm.config import TrainConfig
 from mmfm.data.collate import BadSampleTracker
 from mmfm.data.sampling import EpochSampler
-from mmfm.engine.checkpoint import atomic_write_text, read_train_state, resolve_resume, save_checkpoint
+from mmfm.engine.checkpoint import read_train_state, resolve_resume, save_checkpoint
 from mmfm.engine.schedule import lr_factor, stream_schedule
+from mmfm.fileio import atomic_write_text
+
+
+class Objective(torch.nn.Module):
+    """What the Trainer trains: ``forward(stream, batch) -> dict`` of losses (``"loss"`` is optimised, the
+    rest logged); ``after_step()`` runs once per optimizer step (EMA updates, step counters);
+    ``fusion_parameters()`` are trained at ``lr * train.fusion_lr_scale``."""
+
+    def forward(self, stream: str, batch: dict) -> dict:
+        raise NotImplementedError
+
+    def after_step(self) -> None:
+        pass
+
+    def fusion_parameters(self) -> list[torch.nn.Parameter]:
+        return []
 
 
 @dataclass
@@ -60,26 +76,27 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),
         mixed_precision="bf16" if cfg.precision == "bf16" else "no",
+        # The schedule counts optimizer steps: accelerate's default steps a prepared scheduler once per process
+        # per step (world size 2 ended the warm-up and the cosine twice as early).
+        step_scheduler_with_optimizer=False,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
     set_seed(cfg.seed)
     return accelerator
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float, lr: float,
+def param_groups(objective: Objective, weight_decay: float, lr: float,
                  fusion_lr_scale: float = 1.0) -> list[dict]:
-    """AdamW groups: no decay on norms, biases, embeddings, positions and the temperature; the parameters a
-    model lists in ``fusion_parameters()`` (fusion layers and the heads on them) at ``lr * fusion_lr_scale``."""
+    """AdamW groups: no decay on norms, biases, embeddings, positions and the temperature (what modules list
+    in ``no_weight_decay()``, timm's convention); the objective's ``fusion_parameters()`` (fusion layers and
+    the heads on them) at ``lr * fusion_lr_scale``."""
     skip = set()
-    for name, module in model.named_modules():
+    for name, module in objective.named_modules():
         if hasattr(module, "no_weight_decay"):
             skip |= {f"{name}.{n}" if name else n for n in module.no_weight_decay()}
-    fusion = set()
-    for module in model.modules():
-        if hasattr(module, "fusion_parameters"):
-            fusion |= {id(p) for p in module.fusion_parameters()}
+    fusion = {id(p) for p in objective.fusion_parameters()}
     groups: dict[tuple[bool, bool], list] = {}
-    for name, param in model.named_parameters():
+    for name, param in objective.named_parameters():
         if not param.requires_grad:
             continue
         decays = not (param.ndim < 2 or name in skip or any(name.endswith(f".{s}") for s in skip))
@@ -89,10 +106,10 @@ def param_groups(model: torch.nn.Module, weight_decay: float, lr: float,
             for (decays, in_fusion), params in sorted(groups.items())]
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+def make_optimizer(objective: Objective, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     """AdamW over `param_groups`. On CPU torch's default AdamW updates the parameters one by one (~9% of a
     demo step); the fused kernel does the same update in one pass. CUDA already defaults to multi-tensor."""
-    groups = param_groups(model, cfg.weight_decay, cfg.lr, cfg.fusion_lr_scale)
+    groups = param_groups(objective, cfg.weight_decay, cfg.lr, cfg.fusion_lr_scale)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), fused=True if device.type == "cpu" else None)
 
 
@@ -127,9 +144,11 @@ class Trainer:
 
     # ---- loop -------------------------------------------------------------------------------------
 
-    def fit(self, objective: torch.nn.Module, streams: dict[str, Stream], *, num_workers: int = 0,
+    def fit(self, objective: Objective, streams: dict[str, Stream], *, num_workers: int = 0,
             resume: str | None = None, max_bad_fraction: float = 0.01) -> dict:
         cfg, acc = self.cfg, self.accelerator
+        if not isinstance(objective, Objective):
+            raise TypeError(f"Trainer.fit takes an mmfm.engine.trainer.Objective, got {type(objective).__name__}")
         optimizer = make_optimizer(objective, cfg, acc.device)
         budget_s = cfg.max_minutes * 60
         state = {"step": 0, "elapsed": 0.0, "samples": 0, "num_seen": 0, "num_bad": 0}
@@ -192,6 +211,7 @@ class Trainer:
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        acc.unwrap_model(objective).after_step()
         state["step"] += 1
         logs["lr"] = scheduler.get_last_lr()[0]
         return logs

@@ -2,76 +2,50 @@
 
 Each image (or video) and each text is encoded ONCE through the unimodal layers; the fusion layers then
 score only the top-``k_test`` candidates of every query, reusing the cached tokens. Final scores of the
-candidates are ``itm_logit + itc_sim`` (LAVIS); the rest stay at -100.
+candidates are ``itm_logit + itc_sim`` (LAVIS, ``score="itm+itc"``) or ``itm_logit`` alone (ALBEF's
+Retrieval.py, ``score="itm"``); the rest stay at -100.
 """
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from mmfm.models.trunk import FusionContext, TokenBatch
+from mmfm.inference.encode import encode_media, encode_texts, itm_scores
+from mmfm.models.trunk import TokenBatch
 
-
-@torch.no_grad()
-def encode_texts(model, texts: list[str], batch_size: int = 256) -> tuple[TokenBatch, torch.Tensor]:
-    """All texts through the unimodal layers, padded to one length: (tokens, features)."""
-    ids, mask = model.tokenizer(texts)
-    device = next(model.parameters()).device
-    xs, feats = [], []
-    for start in range(0, len(texts), batch_size):
-        enc = model.encode_text(ids[start:start + batch_size].to(device), mask[start:start + batch_size].to(device))
-        xs.append(enc.tokens.x)
-        feats.append(enc.feat)
-    return TokenBatch(torch.cat(xs), mask.to(device)), torch.cat(feats)
+RERANK_SCORES = ("itm", "itm+itc")
 
 
-@torch.no_grad()
-def encode_media(model, loader, key: str, quiet: bool = True) -> tuple[TokenBatch, torch.Tensor, list[int]]:
-    """Every image/video of a loader: (cached unimodal tokens, features, dataset indices)."""
-    device = next(model.parameters()).device
-    xs, feats, indices, roll = [], [], [], None
-    for batch in tqdm(loader, desc=f"encode {key}s", disable=quiet):
-        if key not in batch:
-            continue
-        enc = model.encode_vision(batch[key].to(device))
-        xs.append(enc.tokens.x)
-        feats.append(enc.feat)
-        indices.extend(batch["index"].tolist())
-        roll = enc.tokens.roll
-    return TokenBatch(torch.cat(xs), roll=roll), torch.cat(feats), indices
-
-
-@torch.no_grad()
-def itm_scores(model, text: TokenBatch, vision: FusionContext, text_idx, vision_idx, batch_size: int = 256):
-    """Positive-class ITM logits of the (text_idx[i], vision_idx[i]) pairs; ``vision`` is a fusion context."""
-    out = []
-    for start in range(0, len(text_idx), batch_size):
-        t = text.select(text_idx[start:start + batch_size])
-        v = vision.select(vision_idx[start:start + batch_size])
-        out.append(model.itm_logits(t, v)[:, 1].float())
-    return torch.cat(out) if out else torch.zeros(0)
+def _check_score(score: str) -> None:
+    if score not in RERANK_SCORES:
+        raise ValueError(f"rerank score must be one of {RERANK_SCORES}, got {score!r}")
 
 
 @torch.no_grad()
 def rerank_scores(model, vision: TokenBatch, vision_feat, text: TokenBatch, text_feat, k_test: int,
-                  quiet: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """(vision->text, text->vision) score matrices: ITC everywhere, ITM + ITC on each query's top-k."""
+                  quiet: bool = True, score: str = "itm+itc") -> tuple[np.ndarray, np.ndarray]:
+    """(vision->text, text->vision) score matrices: ITC everywhere, ``score`` on each query's top-k.
+
+    ``score`` is "itm+itc" (ITM logit + ITC similarity, LAVIS) or "itm" (the ITM logit, ALBEF).
+    """
+    _check_score(score)
     sim = (vision_feat @ text_feat.t()).float()
-    if model.cfg.fusion_layer >= model.cfg.depth or k_test <= 0:
+    if not model.fuses or k_test <= 0:
         return sim.cpu().numpy(), sim.t().cpu().numpy()
     context = model.fusion_context(vision)
-    v2t = torch.full_like(sim, -100.0)
-    t2v = torch.full_like(sim.t(), -100.0)
-    k_v2t, k_t2v = min(k_test, sim.shape[1]), min(k_test, sim.shape[0])
-    top_sim, top_idx = sim.topk(k_v2t, dim=1)
-    rows = torch.arange(sim.shape[0], device=sim.device).repeat_interleave(k_v2t)
-    scores = itm_scores(model, text, context, top_idx.reshape(-1), rows)
-    v2t[rows, top_idx.reshape(-1)] = scores + top_sim.reshape(-1)
-    top_sim, top_idx = sim.t().topk(k_t2v, dim=1)
-    rows = torch.arange(sim.shape[1], device=sim.device).repeat_interleave(k_t2v)
-    scores = itm_scores(model, text, context, rows, top_idx.reshape(-1))
-    t2v[rows, top_idx.reshape(-1)] = scores + top_sim.reshape(-1)
+    v2t = _rerank(sim, k_test, score, lambda rows, cols: itm_scores(model, text, context, cols, rows))
+    t2v = _rerank(sim.t(), k_test, score, lambda rows, cols: itm_scores(model, text, context, rows, cols))
     return v2t.cpu().numpy(), t2v.cpu().numpy()
+
+
+def _rerank(sim: torch.Tensor, k_test: int, score: str, itm) -> torch.Tensor:
+    """-100 except each row's top-k ITC columns, which get ``itm(rows, cols)`` (+ their ITC similarity)."""
+    out = torch.full_like(sim, -100.0)
+    top_sim, top_idx = sim.topk(min(k_test, sim.shape[1]), dim=1)
+    rows = torch.arange(sim.shape[0], device=sim.device).repeat_interleave(top_idx.shape[1])
+    cols = top_idx.reshape(-1)
+    itm_logits = itm(rows, cols)
+    out[rows, cols] = itm_logits + top_sim.reshape(-1) if score == "itm+itc" else itm_logits
+    return out
 
 
 def recall_metrics(v2t: np.ndarray, t2v: np.ndarray, txt2img: list[int], img2txt: list[list[int]],
@@ -98,17 +72,22 @@ def recall_metrics(v2t: np.ndarray, t2v: np.ndarray, txt2img: list[int], img2txt
 
 
 @torch.no_grad()
-def evaluate_retrieval(model, loader, dataset, key: str = "image", k_test: int = 16, quiet: bool = True) -> dict:
-    """Full retrieval evaluation of a RetrievalEvalDataset (or its video twin) through ``loader``."""
+def evaluate_retrieval(model, loader, dataset, key: str = "image", k_test: int = 16, quiet: bool = True,
+                       score: str = "itm+itc") -> dict:
+    """Full retrieval evaluation of a RetrievalEvalDataset (or its video twin) through ``loader``.
+
+    ``score`` is the re-ranking score of the top-``k_test`` candidates (see `rerank_scores`).
+    """
+    _check_score(score)  # before the gallery is encoded
     vision, vision_feat, indices = encode_media(model, loader, key, quiet)
     order = np.argsort(indices)
     vision = vision.select(order)
     vision_feat = vision_feat[torch.as_tensor(order, device=vision_feat.device)]
     text, text_feat = encode_texts(model, dataset.texts)
-    v2t, t2v = rerank_scores(model, vision, vision_feat, text, text_feat, k_test, quiet)
+    v2t, t2v = rerank_scores(model, vision, vision_feat, text, text_feat, k_test, quiet, score)
     prefix = "vid" if key == "video" else "img"
     metrics = recall_metrics(v2t, t2v, dataset.txt2img, dataset.img2txt, prefix)
-    if model.cfg.fusion_layer < model.cfg.depth:
+    if model.fuses:
         sim = (vision_feat @ text_feat.t()).float().cpu().numpy()
         itc = recall_metrics(sim, sim.T, dataset.txt2img, dataset.img2txt, prefix)
         metrics.update({f"itc_{name}": itc[name] for name in (f"{prefix}_r1", "txt_r1", "r_mean")})
@@ -119,7 +98,7 @@ def _pair_scores(model, vision, text) -> dict[str, torch.Tensor]:
     """Match scores of aligned (text_i, vision_i) pairs: ``itc`` similarity, and the ITM margin as ``itm``
     when the model has fusion layers."""
     scores = {"itc": (text.feat * vision.feat).sum(-1)}
-    if model.cfg.fusion_layer < model.cfg.depth:
+    if model.fuses:
         logits = model.itm_logits(text.tokens, vision.tokens)
         scores["itm"] = logits[:, 1] - logits[:, 0]
     return scores

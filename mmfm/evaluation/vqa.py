@@ -1,21 +1,32 @@
 """VQA accuracy as the official VQAv2 evaluator computes it, with a per-question-type breakdown."""
 
 from collections import defaultdict
-from itertools import combinations
 
 import torch
 
-from mmfm.data.formats import normalize_answer
+from mmfm.data.formats import normalize_answer, strip_punctuation
+from mmfm.inference.encode import predict_answers
 
 
 def vqa_accuracy(prediction: str, answers: list[str]) -> float:
-    """min(#annotators agreeing / 3, 1), averaged over the 10-choose-9 annotator subsets (fraction)."""
+    """Official VQAv2 accuracy (a fraction) of `prediction` against the annotators' raw `answers`.
+
+    As vqaEval.py: the prediction is fully normalised (`normalize_answer`), the ground truths only
+    punctuation-processed and only when they disagree; then each answer is left out in turn and
+    min(1, #other answers equal to the prediction / 3) is averaged. A single answer (e.g. MSRVTT-QA),
+    where leaving one out leaves nothing, scores exact match; the official code would give 0.
+    """
     pred = normalize_answer(prediction)
-    gts = [normalize_answer(a) for a in answers]
-    if len(gts) < 2:
-        return float(bool(gts) and gts[0] == pred)
-    subsets = list(combinations(range(len(gts)), len(gts) - 1))
-    return sum(min(1.0, sum(gts[i] == pred for i in subset) / 3.0) for subset in subsets) / len(subsets)
+    truths = _ground_truths(answers)
+    if len(truths) < 2:
+        return float(truths == [pred])
+    matches = truths.count(pred)
+    return sum(min(1.0, (matches - (truth == pred)) / 3) for truth in truths) / len(truths)
+
+
+def _ground_truths(answers: list[str]) -> list[str]:
+    """The evaluator's ground truths: unanimous answers as they are, otherwise punctuation-processed."""
+    return [strip_punctuation(a) for a in answers] if len(set(answers)) > 1 else list(answers)
 
 
 def summarize(records: list[tuple[str, float]], prefix: str) -> dict:
@@ -28,20 +39,6 @@ def summarize(records: list[tuple[str, float]], prefix: str) -> dict:
     for qtype, accs in sorted(by_type.items()):
         out[f"{prefix}_acc/{qtype}"] = round(100.0 * sum(accs) / len(accs), 2)
     return out
-
-
-@torch.no_grad()
-def predict_answers(model, head: str, vision_pixels, questions: list[str], topk: int = 1):
-    """(B, topk) answers and probabilities for a batch of images/videos and questions."""
-    device = next(model.parameters()).device
-    vision = model.encode_vision(vision_pixels.to(device)).tokens
-    ids, mask = model.tokenizer(questions)
-    text = model.encode_text(ids.to(device), mask.to(device)).tokens
-    probs = model.answer_logits(head, text, vision).float().sigmoid()
-    top = probs.topk(min(topk, probs.shape[1]), dim=1)
-    answers = model.cfg.answers[head]
-    return [[(answers[j], float(p)) for p, j in zip(row_p, row_j)]
-            for row_p, row_j in zip(top.values.tolist(), top.indices.tolist())]
 
 
 @torch.no_grad()

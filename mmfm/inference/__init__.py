@@ -5,9 +5,9 @@ Imported lazily (the `mmfm` console script loads `mmfm.inference.cli` for every 
 
 from importlib import import_module
 
-__all__ = ["Hit", "Index", "Pipeline", "create_model", "load"]
+__all__ = ["Hit", "Index", "Pipeline", "load"]
 
-_MODULES = {"Hit": "index", "Index": "index", "Pipeline": "pipeline", "create_model": "pipeline", "load": "pipeline"}
+_MODULES = {"Hit": "index", "Index": "index", "Pipeline": "pipeline", "load": "pipeline"}
 
 
 def __getattr__(name: str):

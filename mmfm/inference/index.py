@@ -8,11 +8,12 @@ An `Index` holds, for N gallery items (images, videos or texts):
 - ``ids``: one string per item (file paths by default).
 
 Searching needs the model that built the index (to encode the query and to fuse): an index is *bound*
-to a `Pipeline` — `pipe.index(...)` returns a bound index, `Index.load(dir, pipeline=pipe)` binds on load,
-`index.bind(pipe)` later. Binding checks the model fingerprint saved with the index (ModelError on mismatch).
+to an `Encoder`, in practice a `Pipeline` — `pipe.index(...)` returns a bound index,
+`Index.load(dir, pipeline=pipe)` binds on load, `index.bind(pipe)` later. Binding checks the model
+fingerprint saved with the index (ModelError on mismatch).
 
 On disk (``save(dir)``): ``index.safetensors`` (tensors) and ``index.json`` (ids, modality, model
-fingerprint, metadata), each written to a temp file and renamed; the JSON is written last.
+fingerprint, metadata), each written atomically; the JSON is written last.
 
 Scores (LAVIS): ITC-only hits score the cosine similarity; re-ranked hits score ``itm + itc`` where
 ``itm`` is the positive-class ITM logit. With ``rerank=R`` the top ``R`` ITC candidates are re-scored
@@ -22,25 +23,46 @@ and sorted; when ``k > R`` the remaining hits follow in ITC order (``.itm`` is N
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from mmfm.errors import InputError, ModelError
-from mmfm.evaluation.retrieval import itm_scores
+from mmfm.fileio import atomic_path, atomic_write_text
 from mmfm.models.trunk import TokenBatch
 
 if TYPE_CHECKING:
-    from mmfm.inference.pipeline import Pipeline
+    from mmfm.models.model import Encoded
 
 MODALITIES = ("image", "video", "text")
 TENSORS_FILE = "index.safetensors"
 META_FILE = "index.json"
 INDEX_FORMAT = "1"
 FAISS_MIN_ITEMS = 1_000_000
+
+
+class Encoder(Protocol):
+    """What an Index needs from the model that built it; `Pipeline` is the one mmfm ships."""
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def fingerprint(self) -> str: ...
+
+    def read_image(self, path: str | Path) -> torch.Tensor: ...
+
+    def read_video(self, path: str | Path) -> torch.Tensor: ...
+
+    def encode_texts(self, texts: list[str]) -> tuple[TokenBatch, torch.Tensor]: ...
+
+    def encode_pixels(self, pixels: torch.Tensor) -> Encoded: ...
+
+    def itm_scores(self, text: TokenBatch, vision: TokenBatch, text_idx: torch.Tensor,
+                   vision_idx: torch.Tensor) -> torch.Tensor:
+        """Positive-class ITM logits of the pairs (text row text_idx[i], vision row vision_idx[i])."""
 
 
 @dataclass
@@ -60,7 +82,7 @@ class Index:
     """Gallery features + cached unimodal tokens; see the module docstring."""
 
     def __init__(self, modality: str, ids: list[str], features: torch.Tensor, tokens: TokenBatch,
-                 fingerprint: str = "", metadata: dict | None = None, pipeline: Pipeline | None = None):
+                 fingerprint: str = "", metadata: dict | None = None, pipeline: Encoder | None = None):
         if modality not in MODALITIES:
             raise InputError(f"index modality {modality!r}: use one of {', '.join(MODALITIES)}")
         if len(ids) != len(features) or len(ids) != len(tokens.x):
@@ -71,7 +93,7 @@ class Index:
         self.features = features.float().contiguous()
         self.tokens = TokenBatch(tokens.x.contiguous(), tokens.mask, tokens.roll)
         self.fingerprint, self.metadata = fingerprint, dict(metadata or {})
-        self.pipeline: Pipeline | None = None
+        self.pipeline: Encoder | None = None
         self._faiss = None
         if pipeline is not None:
             self.bind(pipeline)
@@ -84,7 +106,7 @@ class Index:
 
     # ---- binding --------------------------------------------------------------------------------
 
-    def bind(self, pipeline: Pipeline) -> Index:
+    def bind(self, pipeline: Encoder) -> Index:
         """Attach the model used for queries and re-ranking (the one that built the index); returns self."""
         if self.fingerprint and self.fingerprint != pipeline.fingerprint:
             raise ModelError(f"this {self.modality} index was built with another model (fingerprint "
@@ -97,7 +119,7 @@ class Index:
                                    (self.tokens.x, self.tokens.mask, self.tokens.roll)))
         return self
 
-    def _bound(self) -> Pipeline:
+    def _bound(self) -> Encoder:
         if self.pipeline is None:
             raise InputError("this index is not bound to a model: use Index.load(dir, pipeline=pipe), "
                              "index.bind(pipe) or pipe.search(index, ...)")
@@ -113,10 +135,10 @@ class Index:
         if len(given) != 1:
             raise InputError("search takes exactly one of text=, image=, video=")
         (kind, value), = given.items()
-        pipe = self._bound()
+        encoder = self._bound()
         if kind == "text":
             return self.search_texts([value], k, rerank)[0]
-        pixels = pipe.read_video(value) if kind == "video" else pipe.read_image(value)
+        pixels = encoder.read_video(value) if kind == "video" else encoder.read_image(value)
         return self.search_pixels(pixels[None], k, rerank)[0]
 
     def search_texts(self, texts: list[str], k: int = 10, rerank: int | None = None) -> list[list[Hit]]:
@@ -165,15 +187,15 @@ class Index:
 
     def _rerank(self, tokens: TokenBatch, top_scores, top_idx, query: str, k: int, rerank: int) -> list[list[Hit]]:
         """ITM on the cached tokens of each query's top-``rerank`` candidates (fusion layers only)."""
-        model = self._bound().model
+        encoder = self._bound()
         device = self.features.device
         candidates = top_idx[:, :rerank].reshape(-1).to(device)
         queries = torch.arange(len(top_idx), device=device).repeat_interleave(rerank)
         if query == "text":
-            context = model.fusion_context(_take(self.tokens, candidates))
-            itm = itm_scores(model, tokens, context, queries, torch.arange(len(candidates), device=device))
+            pairs = torch.arange(len(candidates), device=device)
+            itm = encoder.itm_scores(tokens, _take(self.tokens, candidates), queries, pairs)
         else:
-            itm = itm_scores(model, self.tokens, model.fusion_context(tokens), candidates, queries)
+            itm = encoder.itm_scores(self.tokens, tokens, candidates, queries)
         itm = itm.view(len(top_idx), rerank).cpu()
         results = []
         for row in range(len(top_idx)):
@@ -197,16 +219,15 @@ class Index:
             tensors["mask"] = self.tokens.mask
         if self.tokens.roll is not None:
             tensors["roll"] = self.tokens.roll
-        tmp = directory / f".{TENSORS_FILE}.tmp"
-        save_file({name: t.detach().cpu().contiguous() for name, t in tensors.items()}, str(tmp))
-        os.replace(tmp, directory / TENSORS_FILE)
+        with atomic_path(directory / TENSORS_FILE) as tmp:
+            save_file({name: t.detach().cpu().contiguous() for name, t in tensors.items()}, str(tmp))
         meta = {"format": INDEX_FORMAT, "modality": self.modality, "ids": self.ids,
                 "fingerprint": self.fingerprint, "metadata": self.metadata}
-        _atomic_write_text(directory / META_FILE, json.dumps(meta))
+        atomic_write_text(directory / META_FILE, json.dumps(meta))
         return directory
 
     @classmethod
-    def load(cls, directory: str | Path, pipeline: Pipeline | None = None) -> Index:
+    def load(cls, directory: str | Path, pipeline: Encoder | None = None) -> Index:
         """Read an index written by ``save``; bind it to ``pipeline`` when given."""
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -236,9 +257,3 @@ def _check_k(k: int, rerank: int | None) -> None:
         raise InputError(f"k={k!r}: the number of hits must be a positive integer")
     if rerank is not None and (not isinstance(rerank, int) or rerank < 0):
         raise InputError(f"rerank={rerank!r}: the number of re-ranked candidates must be an integer >= 0")
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

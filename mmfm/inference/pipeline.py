@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from functools import cached_property
 from pathlib import Path
 
@@ -30,15 +30,14 @@ from mmfm.data.transforms import (
     load_image,
 )
 from mmfm.errors import InputError, ModelError
-from mmfm.evaluation.retrieval import encode_texts
-from mmfm.evaluation.vqa import predict_answers
+from mmfm.inference.encode import encode_texts, itm_scores, predict_answers
 from mmfm.inference.index import Hit, Index
 from mmfm.models.model import MMFM, Encoded
 from mmfm.models.trunk import TokenBatch
+from mmfm.tasks import answer_heads_by_modality
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 VIDEO_EXTENSIONS = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv"}
-HEADS = {"image": "vqa", "video": "video_qa"}
 DECODE_THREADS = 2
 
 
@@ -50,7 +49,7 @@ class Pipeline:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = model.to(self.device).eval()
         self.name, self.max_pixels = name, max_pixels
-        pre = model.cfg.preprocess
+        pre = model.preprocess
         self.image_size = int(pre.get("image_size", model.cfg.img_size))
         self.num_frames = int(pre.get("num_frames", 8))
         self.transform = eval_transform(self.image_size, mean=tuple(pre.get("mean", IMAGENET_MEAN)),
@@ -117,6 +116,15 @@ class Pipeline:
         """Unimodal tokens and ITC features of (B, 3, H, W) images or (B, T, 3, H, W) videos."""
         return self.model.encode_vision(pixels.to(self.device))
 
+    @torch.inference_mode()
+    def itm_scores(self, text: TokenBatch, vision: TokenBatch, text_idx: torch.Tensor,
+                   vision_idx: torch.Tensor) -> torch.Tensor:
+        """Positive-class ITM logits of the pairs (text row text_idx[i], vision row vision_idx[i]).
+
+        Only the fusion layers run: both sides are cached unimodal tokens (e.g. an Index's gallery).
+        """
+        return itm_scores(self.model, text, self.model.fusion_context(vision), text_idx, vision_idx)
+
     # ---- retrieval ------------------------------------------------------------------------------
 
     def index(self, images: list | None = None, videos: list | None = None, texts: list[str] | None = None,
@@ -180,7 +188,7 @@ class Pipeline:
         _check_texts(questions, "question")
         media = [self.read_media(path) for path in paths]
         results: list = [None] * len(paths)
-        for kind in HEADS:
+        for kind in answer_heads_by_modality():
             rows = [i for i, (k, _) in enumerate(media) if k == kind]
             if rows:
                 pixels = torch.stack([media[i][1] for i in rows])
@@ -193,7 +201,7 @@ class Pipeline:
     def answer_pixels(self, kind: str, pixels: torch.Tensor, questions: list[str],
                       topk: int = 5) -> list[list[tuple[str, float]]]:
         """Answers for stacked images (kind "image") or videos (kind "video") and their questions."""
-        head = HEADS[kind]
+        head = answer_heads_by_modality()[kind]
         if head not in self.model.answer_heads:
             raise ModelError(f"model {self.name or ''} has no {head!r} answer head, so it cannot answer "
                              f"questions about {kind}s; use a checkpoint trained with the {head} task")
@@ -224,63 +232,8 @@ def _prefetched_batches(paths: list[str], read, batch_size: int):
             yield torch.stack([f.result() for f in pending])
 
 
-# ---- models by name -----------------------------------------------------------------------------
-
-def create_model(name_or_path: str | Path, pretrained: bool | str | Path = True) -> MMFM:
-    """An MMFM from a run directory / .safetensors file, or from a zoo name.
-
-    ``pretrained``: True = the zoo weights of ``name``; a tag string = the zoo entry of ``name`` carrying
-    that tag; a path = these weights in ``name``'s architecture; False = the architecture, untrained.
-    """
-    from mmfm.factory import load_checkpoint_model
-    from mmfm.models.model import load_pretrained
-
-    path = Path(name_or_path)
-    if path.exists():
-        model = load_checkpoint_model(path)
-        return MMFM(replace(model.cfg)) if pretrained is False else model
-    if _looks_like_path(str(name_or_path)):
-        raise ModelError(f"{name_or_path}: no such file or directory; pass a run directory, a .safetensors "
-                         "file or a model-zoo name (`mmfm zoo list`)")
-    if pretrained is False:
-        return MMFM(_zoo_architecture(str(name_or_path)))
-    if isinstance(pretrained, (str, Path)) and Path(pretrained).exists():
-        return _with_weights(_zoo_architecture(str(name_or_path)), Path(pretrained))
-    from mmfm import zoo
-
-    tag = pretrained if isinstance(pretrained, str) else None
-    return load_pretrained(zoo.resolve(str(name_or_path), tag))
-
-
-def _looks_like_path(name: str) -> bool:
-    return "/" in name or "\\" in name or name.endswith((".safetensors", ".pt", ".pth"))
-
-
-def _zoo_architecture(name: str):
-    """The ModelConfig of zoo entry (or architecture) ``name``."""
-    from mmfm.config import ModelConfig, from_dict
-    from mmfm.zoo.manifest import find_entry, load_manifest
-
-    for entry in load_manifest():
-        if name == entry.architecture.get("name"):
-            break
-    else:
-        entry = find_entry(name)
-    architecture = {k: v for k, v in entry.architecture.items() if k != "name"}
-    return from_dict(ModelConfig, architecture, prefix="architecture.")
-
-
-def _with_weights(cfg, path: Path) -> MMFM:
-    from safetensors.torch import load_model
-
-    model = MMFM(cfg)
-    try:
-        load_model(model, str(path), strict=True)
-    except (RuntimeError, OSError, ValueError) as err:
-        raise ModelError(f"{path}: weights do not fit the architecture: {err}") from None
-    return model.eval()
-
-
 def load(name_or_path: str | Path, pretrained: bool | str | Path = True, device: str | None = None) -> Pipeline:
-    """A ready Pipeline: ``create_model(name_or_path, pretrained)`` in eval mode on ``device`` (default: best)."""
+    """A ready Pipeline: ``mmfm.create_model(name_or_path, pretrained)`` in eval mode on ``device``."""
+    from mmfm.factory import create_model
+
     return Pipeline(create_model(name_or_path, pretrained), device, name=str(name_or_path))

@@ -1,10 +1,12 @@
 """The one attention function of mmfm, with interchangeable backends.
 
-Backends, chosen by availability unless forced:
+Backends, chosen by availability unless named:
   ``xformers``  memory-efficient CUDA kernels (optional extra; no CPU kernel, so never picked on CPU)
   ``sdpa``      torch.nn.functional.scaled_dot_product_attention (flash / memory-efficient / math kernels)
   ``math``      explicit softmax(q k^T / sqrt(d)) v, materialises the full score matrix (reference)
-Force one with ``set_backend(name)`` (configs: ``model.attention_backend``) or ``MMFM_ATTN_BACKEND=name``.
+A module names its backend when it is built (timm's ``fused_attn`` habit; the trunk's ``attention_backend``)
+and passes it on every call; ``auto`` reads ``MMFM_ATTN_BACKEND=name`` and otherwise picks by device. There
+is no process-wide switch: two models in one process can run different backends.
 
 Two entry points:
   ``attention(q, k, v)`` on padded batches (B, H, L, D) with an optional key-padding mask;
@@ -24,15 +26,14 @@ import torch.nn.functional as F
 from mmfm.errors import ConfigError
 
 BACKENDS = ("auto", "xformers", "sdpa", "math")
-_forced_backend: str | None = None
 
 
-def set_backend(name: str | None) -> None:
-    """Force a backend for the whole process (``None`` or ``"auto"`` restores automatic choice)."""
-    global _forced_backend
-    if name is not None and name not in BACKENDS:
-        raise ConfigError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}")
-    _forced_backend = None if name == "auto" else name
+def check_backend(name: str) -> str:
+    """``name`` if it is a backend, else a ConfigError naming it and the choices."""
+    if name not in BACKENDS:
+        raise ConfigError(f"attention_backend={name!r} is not an attention backend; choose one of "
+                          f"{', '.join(BACKENDS)}")
+    return name
 
 
 @lru_cache(maxsize=1)
@@ -51,11 +52,12 @@ def xformers_available() -> bool:
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """The backend that will run: an explicit argument wins, then set_backend, then the env var, then auto."""
+    """The backend that will run: a named one, else (``auto``) the env var, else the best for the device."""
+    check_backend(backend)
     if backend == "auto":
-        backend = _forced_backend or os.environ.get("MMFM_ATTN_BACKEND", "auto")
-    if backend not in BACKENDS:
-        raise ConfigError(f"MMFM_ATTN_BACKEND={backend!r} is not a backend; choose one of {', '.join(BACKENDS)}")
+        backend = os.environ.get("MMFM_ATTN_BACKEND", "auto")
+        if backend not in BACKENDS:
+            raise ConfigError(f"MMFM_ATTN_BACKEND={backend!r} is not a backend; choose one of {', '.join(BACKENDS)}")
     if backend == "auto":
         return "xformers" if device.type == "cuda" and xformers_available() else "sdpa"
     if backend == "xformers" and not (device.type == "cuda" and xformers_available()):

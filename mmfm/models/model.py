@@ -1,17 +1,19 @@
 """The mmfm model: tokenizers' embeddings + UnifiedTrunk + ITC projections + task heads.
 
+``MMFM(arch, answers, preprocess)``: ``arch`` is the architecture (``ModelConfig``), ``answers`` the answer
+list of each answer head (from the data) and ``preprocess`` the input preprocessing (image size, mean,
+std, frames); the three are what a checkpoint stores (``mmfm.models.io``).
 ``encode_*`` run the unimodal layers once and return both the residual tokens (what the fusion layers
 and a retrieval index reuse) and the normalised ITC feature. ``fuse`` runs only the fusion layers.
 """
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mmfm.config import ModelConfig
-from mmfm.layers.attention import set_backend
 from mmfm.models.heads import AnswerHead, MLMHead
 from mmfm.models.trunk import FusionContext, TokenBatch, UnifiedTrunk
 from mmfm.tokenizers.text import TextTokenizer
@@ -23,25 +25,39 @@ class Encoded:
     feat: torch.Tensor        # (B, embed_dim) L2-normalised ITC feature
 
 
+TEMPERATURE_INIT = 0.07
+
+
+@dataclass
+class Preprocess:
+    """Eval-time input preprocessing of a model, stored in its checkpoint."""
+
+    image_size: int = 64
+    mean: list = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    num_frames: int = 8
+
+
 class MMFM(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, answers: dict[str, list[str]] | None = None,
+                 preprocess: dict | None = None, *, attention_backend: str = "auto"):
         super().__init__()
         self.cfg = cfg
-        set_backend(cfg.attention_backend)
+        self.answers = {head: list(names) for head, names in (answers or {}).items()}
+        self.preprocess = asdict(Preprocess(**(preprocess or {"image_size": cfg.img_size})))
         self.tokenizer = TextTokenizer(cfg.context_length)
-        self.trunk = self._build_trunk(cfg)
-        self.vision_adapter = self._build_adapter(cfg)
+        self.trunk = self._build_trunk(cfg, attention_backend)
         width = cfg.width
         self.vision_proj = nn.Linear(width, cfg.embed_dim)
         self.text_proj = nn.Linear(width, cfg.embed_dim)
-        self.temp = nn.Parameter(torch.tensor(cfg.temp))
+        self.temp = nn.Parameter(torch.tensor(TEMPERATURE_INIT))
         self.itm_head = nn.Linear(width, 2)
         self.itm_pair_head = self._zero_linear(cfg.embed_dim, 2) if cfg.itm_pair_features else None
         self.mlm_head = MLMHead(width, self.trunk.token_embed)
-        self.answer_heads = nn.ModuleDict({name: AnswerHead(width, len(answers))
-                                           for name, answers in cfg.answers.items()})
-        self.answer_pair_heads = nn.ModuleDict({name: self._zero_linear(width, len(answers))
-                                                for name, answers in cfg.answers.items()
+        self.answer_heads = nn.ModuleDict({name: AnswerHead(width, len(names))
+                                           for name, names in self.answers.items()})
+        self.answer_pair_heads = nn.ModuleDict({name: self._zero_linear(width, len(names))
+                                                for name, names in self.answers.items()
                                                 if cfg.answer_pair_features})
 
     @staticmethod
@@ -51,31 +67,23 @@ class MMFM(nn.Module):
         nn.init.zeros_(layer.bias)
         return layer
 
-    def _build_trunk(self, cfg: ModelConfig) -> UnifiedTrunk:
+    def _build_trunk(self, cfg: ModelConfig, attention_backend: str) -> UnifiedTrunk:
         extra = {"fusion_layer": cfg.fusion_layer, "vocab_size": self.tokenizer.vocab_size,
                  "context_length": cfg.context_length, "max_frames": cfg.max_frames, "rolling": cfg.rolling,
-                 "text_bigram": cfg.text_bigram, "fusion_mode": cfg.fusion_mode}
-        if cfg.init.startswith("timm:"):
-            import timm
-
-            vit = timm.create_model(cfg.init[5:], pretrained=True, img_size=cfg.img_size)
-            return UnifiedTrunk.from_timm(vit, drop_path_rate=cfg.drop_path, **extra)
+                 "text_bigram": cfg.text_bigram, "fusion_mode": cfg.fusion_mode,
+                 "vision_tokenizer": cfg.vision_tokenizer, "vision_tokenizer_kwargs": cfg.vision_tokenizer_kwargs,
+                 "attention_backend": attention_backend}
         return UnifiedTrunk(width=cfg.width, depth=cfg.depth, num_heads=cfg.heads, mlp_ratio=cfg.mlp_ratio,
                             img_size=cfg.img_size, patch_size=cfg.patch_size, drop_path_rate=cfg.drop_path,
                             **extra)
 
-    def _build_adapter(self, cfg: ModelConfig):
-        if not cfg.backbone:
-            return None
-        from mmfm.backbones.adapter import BackboneAdapter
-
-        return BackboneAdapter(cfg.backbone, cfg.width, cfg.img_size, **cfg.backbone_kwargs)
-
     def no_weight_decay(self) -> set[str]:
-        names = {f"trunk.{n}" for n in self.trunk.no_weight_decay()} | {"temp"}
-        if self.vision_adapter is not None:
-            names |= {f"vision_adapter.{n}" for n in self.vision_adapter.no_weight_decay()}
-        return names
+        return {f"trunk.{n}" for n in self.trunk.no_weight_decay()} | {"temp"}
+
+    @property
+    def fuses(self) -> bool:
+        """Whether the model has fusion layers (ITM, MLM and answer heads need them)."""
+        return self.trunk.fuses
 
     def fusion_parameters(self) -> list[nn.Parameter]:
         """The fusion layers and the heads that read them (``train.fusion_lr_scale`` applies to these)."""
@@ -94,8 +102,6 @@ class MMFM(nn.Module):
 
     def embed_vision(self, pixels: torch.Tensor) -> TokenBatch:
         """(B, C, H, W) images or (B, T, C, H, W) videos -> embedded tokens."""
-        if self.vision_adapter is not None:
-            return self.vision_adapter(self.trunk, pixels)
         if pixels.dim() == 5:
             return self.trunk.embed_video(pixels)
         return self.trunk.embed_image(pixels)
@@ -143,59 +149,5 @@ class MMFM(nn.Module):
         product = self.trunk.norm(text.cls()) * self.trunk.norm(vision_tokens.cls())
         return logits + self.answer_pair_heads[head](product)
 
-    def config_dict(self) -> dict:
+    def arch_dict(self) -> dict:
         return asdict(self.cfg)
-
-
-FORMAT_VERSION = "1"
-
-
-def save_pretrained(model: MMFM, path) -> None:
-    """One safetensors file: weights + the model config (JSON in the metadata). Written atomically."""
-    import json
-    import os
-    from pathlib import Path
-
-    from safetensors.torch import save_model
-
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_model(model, str(tmp), metadata={"mmfm_config": json.dumps(model.config_dict()),
-                                          "mmfm_format": FORMAT_VERSION})
-    os.replace(tmp, path)
-
-
-def config_from_checkpoint(path) -> ModelConfig:
-    import json
-
-    from safetensors import SafetensorError, safe_open
-
-    from mmfm.config import from_dict
-    from mmfm.errors import ModelError
-
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-    except (OSError, SafetensorError) as err:
-        raise ModelError(f"{path}: not a readable safetensors checkpoint ({err})") from None
-    if "mmfm_config" not in metadata:
-        raise ModelError(f"{path}: safetensors file without an 'mmfm_config' entry; "
-                         "it was not written by mmfm (use mmfm.zoo.convert for foreign weights)")
-    return from_dict(ModelConfig, json.loads(metadata["mmfm_config"]))
-
-
-def load_pretrained(path, **overrides) -> MMFM:
-    """Rebuild the model from a checkpoint written by ``save_pretrained`` (strict)."""
-    from dataclasses import replace
-
-    from safetensors.torch import load_model
-
-    from mmfm.errors import ModelError
-
-    cfg = replace(config_from_checkpoint(path), init="", **overrides)
-    model = MMFM(cfg)
-    try:
-        load_model(model, str(path), strict=True)
-    except RuntimeError as err:
-        raise ModelError(f"{path}: weights do not fit the architecture in its metadata: {err}") from None
-    return model.eval()

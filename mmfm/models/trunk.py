@@ -2,16 +2,16 @@
 
 Layers [0, fusion_layer) run each modality alone (their outputs are what contrastive alignment uses
 and what a retrieval index caches); layers [fusion_layer, depth) run [text ; vision] jointly. Block
-parameter names follow timm's VisionTransformer, so ``UnifiedTrunk.from_timm(vit)`` starts the trunk from
-any timm ViT (ViLT / All-in-One start from ViT weights) and reproduces its ``forward_features`` exactly.
+parameter names follow timm's VisionTransformer, so ``UnifiedTrunk.from_timm(vit)`` (or ``trunk.load_timm``)
+starts the trunk from any timm ViT (ViLT / All-in-One start from ViT weights) and reproduces its
+``forward_features`` exactly.
 
-Inputs are embedded here (text token + position + a projection of the previous token, image patches + 2-D
-position interpolated to any grid, video frames + temporal embedding, a modality-type embedding for each);
-videos get temporal token rolling before every layer, unimodal and joint. With ``tubelet_size`` t > 1 a
-clip is embedded C-ViViT style: the first frame alone through the 2-D patch embedding, later frames as
-t x p x p tubelets through a Conv3d initialised by inflating the 2-D weights (/ t), so a still clip embeds
-like its image. Token batches are padded (B, L, D) with a key mask, or packed (T, D) without padding
-(variable image sizes / video lengths / text lengths).
+Inputs are embedded here: text token + position + a projection of the previous token; images and videos
+through the vision tokenizer (``mmfm/tokenizers/vision.py``: patch, conv, backbone, tubelet), then, the same
+for every tokenizer, the 2-D position interpolated to the token grid, the temporal embedding of videos,
+the CLS token and a modality-type embedding. Videos get temporal token rolling before every layer, unimodal
+and joint. Token batches are padded (B, L, D) with a key mask, or packed (T, D) without padding (variable
+image sizes / video lengths / text lengths). Each attention module keeps the backend it was built with.
 """
 
 from dataclasses import dataclass, replace
@@ -23,11 +23,13 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mmfm.errors import ModelError
-from mmfm.layers.attention import PackedSeqs, attention, packed_attention
+from mmfm.layers.attention import PackedSeqs, attention, check_backend, packed_attention
 from mmfm.layers.rolling import offset_index, roll_index
+from mmfm.tokenizers.vision import create_vision_tokenizer
 
 TEXT, IMAGE, VIDEO = 0, 1, 2
 FUSION_MODES = ("joint", "cross")
+PIXEL_LAYOUTS = {4: "(B, C, H, W) images", 5: "(B, T, C, H, W) clips"}
 
 
 @dataclass
@@ -111,11 +113,12 @@ class FusionContext:
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, backend: str = "auto"):
         super().__init__()
         if dim % num_heads:
             raise ModelError(f"trunk width {dim} is not divisible by heads {num_heads}")
         self.num_heads = num_heads
+        self.backend = check_backend(backend)
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         # A key bias adds the same q.b_k to every logit of a row, so softmax cancels it and its gradient
@@ -138,7 +141,8 @@ class Attention(nn.Module):
         batch, length, dim = text.shape
         head_dim = dim // self.num_heads
         q, k_text, v_text = F.linear(text, self.qkv.weight, self._bias()).view(batch, length, 3, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
-        out = attention(q, torch.cat([k_text, k_vision], 2), torch.cat([v_text, v_vision], 2), mask=mask)
+        out = attention(q, torch.cat([k_text, k_vision], 2), torch.cat([v_text, v_vision], 2), mask=mask,
+                        backend=self.backend)
         return self.proj(out.transpose(1, 2).reshape(batch, length, dim))
 
     def forward(self, x, mask=None, packed=None):
@@ -146,21 +150,22 @@ class Attention(nn.Module):
         qkv = F.linear(x, self.qkv.weight, self._bias())
         if packed is not None:
             q, k, v = qkv.view(x.shape[0], 3, self.num_heads, head_dim).unbind(1)
-            out = packed_attention(q, k, v, packed).reshape(x.shape)
+            out = packed_attention(q, k, v, packed, backend=self.backend).reshape(x.shape)
         else:
             batch, length, dim = x.shape
             q, k, v = qkv.view(batch, length, 3, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
-            out = attention(q, k, v, mask=mask).transpose(1, 2).reshape(batch, length, dim)
+            out = attention(q, k, v, mask=mask, backend=self.backend).transpose(1, 2).reshape(batch, length, dim)
         return self.proj(out)
 
 
 class Block(nn.Module):
     """Pre-norm transformer block with timm ViT parameter names."""
 
-    def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, drop_path=0.0, init_values=None):
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, drop_path=0.0, init_values=None,
+                 attention_backend="auto"):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, num_heads, qkv_bias)
+        self.attn = Attention(dim, num_heads, qkv_bias, attention_backend)
         self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
@@ -199,8 +204,10 @@ class UnifiedTrunk(nn.Module):
         init_values: float | None = None,
         rolling: bool = True,
         fusion_mode: str = "joint",
-        tubelet_size: int = 1,
         text_bigram: bool = True,
+        vision_tokenizer: str = "patch",
+        vision_tokenizer_kwargs: dict | None = None,
+        attention_backend: str = "auto",
     ):
         super().__init__()
         fusion_layer = depth if fusion_layer is None else fusion_layer
@@ -209,18 +216,12 @@ class UnifiedTrunk(nn.Module):
         if fusion_mode not in FUSION_MODES:
             raise ModelError(f"model.fusion_mode={fusion_mode!r}: use one of {', '.join(FUSION_MODES)}")
         self.width, self.depth, self.fusion_layer, self.fusion_mode = width, depth, fusion_layer, fusion_mode
-        if tubelet_size < 1:
-            raise ModelError(f"tubelet_size={tubelet_size} must be >= 1")
-        self.patch_size, self.rolling, self.max_frames = patch_size, rolling, max_frames
-        self.tubelet_size = tubelet_size
-        self.grid = (img_size // patch_size, img_size // patch_size)
+        self.in_chans, self.rolling, self.max_frames = in_chans, rolling, max_frames
         self.grad_checkpointing = False
 
-        self.patch_embed = nn.Module()
-        self.patch_embed.proj = nn.Conv2d(in_chans, width, patch_size, patch_size)
-        if tubelet_size > 1:
-            kernel = (tubelet_size, patch_size, patch_size)
-            self.tubelet_embed = nn.Conv3d(in_chans, width, kernel, kernel)
+        self.vision_tokenizer = create_vision_tokenizer(vision_tokenizer, width, img_size, patch_size, in_chans,
+                                                        **(vision_tokenizer_kwargs or {}))
+        self.grid = self.vision_tokenizer.grid_for(img_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid[0] * self.grid[1], width))
         self.temporal_embed = nn.Parameter(torch.zeros(1, max_frames, width))
@@ -235,7 +236,8 @@ class UnifiedTrunk(nn.Module):
         self.type_embed = nn.Parameter(torch.zeros(3, width))
         rates = torch.linspace(0, drop_path_rate, depth).tolist()
         self.blocks = nn.ModuleList(
-            Block(width, num_heads, mlp_ratio, qkv_bias, rates[i], init_values) for i in range(depth)
+            Block(width, num_heads, mlp_ratio, qkv_bias, rates[i], init_values, attention_backend)
+            for i in range(depth)
         )
         self.norm = nn.LayerNorm(width, eps=1e-6)
         self._init_weights()
@@ -252,26 +254,10 @@ class UnifiedTrunk(nn.Module):
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
-        self.inflate_tubelet_embed()
-
-    @torch.no_grad()
-    def inflate_tubelet_embed(self) -> None:
-        """Copy the 2-D patch embedding into every time slice of the tubelet Conv3d, divided by t."""
-        if self.tubelet_size == 1:
-            return
-        weight = self.patch_embed.proj.weight
-        self.tubelet_embed.weight.copy_(weight[:, :, None].expand_as(self.tubelet_embed.weight) / self.tubelet_size)
-        self.tubelet_embed.bias.copy_(self.patch_embed.proj.bias)
 
     @classmethod
     def from_timm(cls, vit: nn.Module, **kwargs) -> "UnifiedTrunk":
-        """A trunk holding a timm VisionTransformer's weights (class token, no registers, pre-norm)."""
-        unsupported = (
-            getattr(vit, "num_reg_tokens", 0) or not getattr(vit, "has_class_token", True)
-            or getattr(vit, "no_embed_class", False) or not isinstance(vit.norm_pre, nn.Identity)
-        )
-        if unsupported:
-            raise ModelError(f"{type(vit).__name__}: only class-token ViTs without registers or pre-norm convert")
+        """A trunk of a timm VisionTransformer's dimensions holding its weights (see ``load_timm``)."""
         proj = vit.patch_embed.proj
         fc1 = vit.blocks[0].mlp.fc1
         ls = vit.blocks[0].ls1
@@ -282,33 +268,59 @@ class UnifiedTrunk(nn.Module):
             qkv_bias=vit.blocks[0].attn.qkv.bias is not None,
             init_values=float(ls.gamma.flatten()[0]) if isinstance(ls, LayerScale) else None, **kwargs,
         )
-        source = {k: v for k, v in vit.state_dict().items() if not k.startswith(("head", "fc_norm"))}
-        missing, unexpected = trunk.load_state_dict(source, strict=False)
-        own = {"temporal_embed", "token_embed.weight", "text_pos_embed", "type_embed", "text_bigram.weight",
-               "text_bigram.bias", "tubelet_embed.weight", "tubelet_embed.bias"}
-        if unexpected or set(missing) - own:
-            raise ModelError(f"timm ViT does not fit the trunk: missing {sorted(set(missing) - own)}, "
-                             f"unexpected {sorted(unexpected)}")
-        trunk.inflate_tubelet_embed()
+        trunk.load_timm(vit)
         return trunk
+
+    def load_timm(self, vit: nn.Module) -> None:
+        """Load a timm VisionTransformer (class token; no registers, pre-norm or patch norm) of this trunk's shape.
+
+        ``patch_embed.proj`` goes to the vision tokenizer (``patch``, or ``tubelet``, which re-inflates its
+        Conv3d from it); the text, temporal and modality-type embeddings keep their own initialisation.
+        """
+        unsupported = (
+            getattr(vit, "num_reg_tokens", 0) or not getattr(vit, "has_class_token", True)
+            or getattr(vit, "no_embed_class", False) or not isinstance(vit.norm_pre, nn.Identity)
+            or not isinstance(vit.patch_embed.norm, nn.Identity)
+        )
+        if unsupported:
+            raise ModelError(f"{type(vit).__name__}: only class-token ViTs without registers, pre-norm or "
+                             "patch-embedding norm convert")
+        source = {k: v for k, v in vit.state_dict().items() if not k.startswith(("head", "fc_norm", "patch_embed."))}
+        try:
+            missing, unexpected = self.load_state_dict(source, strict=False)
+            self.vision_tokenizer.load_patch_embed(vit.patch_embed.proj)
+        except RuntimeError as err:
+            raise ModelError(f"timm ViT does not fit the trunk: {err}") from None
+        own = {"temporal_embed", "token_embed.weight", "text_pos_embed", "type_embed", "text_bigram.weight",
+               "text_bigram.bias"}
+        missing = {k for k in missing if k not in own and not k.startswith("vision_tokenizer.")}
+        if unexpected or missing:
+            raise ModelError(f"timm ViT does not fit the trunk: missing {sorted(missing)}, "
+                             f"unexpected {sorted(unexpected)}")
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
 
+    @property
+    def fuses(self) -> bool:
+        """Whether the trunk has fusion layers (fusion_layer < depth)."""
+        return self.fusion_layer < self.depth
+
     def no_weight_decay(self) -> set[str]:
-        return {"cls_token", "pos_embed", "temporal_embed", "text_pos_embed", "type_embed", "token_embed.weight"}
+        own = {"cls_token", "pos_embed", "temporal_embed", "text_pos_embed", "type_embed", "token_embed.weight"}
+        return own | {f"vision_tokenizer.{n}" for n in self.vision_tokenizer.no_weight_decay()}
 
     # ---- embeddings -------------------------------------------------------------------------------
 
-    def _patch_tokens(self, pixels: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        """(B, C, H, W) -> (B, N, D) patch tokens with 2-D position added, and the grid."""
-        height, width = pixels.shape[-2:]
-        if height % self.patch_size or width % self.patch_size:
-            raise ModelError(f"image size {height}x{width} is not a multiple of patch {self.patch_size}; "
-                             "use the native-aspect transform, which rounds sizes up to the patch grid")
-        x = self.patch_embed.proj(pixels)
-        grid = (x.shape[-2], x.shape[-1])
-        return x.flatten(2).transpose(1, 2) + self._patch_pos_embed(grid), grid
+    def _check_pixels(self, pixels: torch.Tensor, dims: int) -> None:
+        if pixels.dim() != dims or pixels.shape[-3] != self.in_chans:
+            raise ModelError(f"expected {PIXEL_LAYOUTS[dims]} with C={self.in_chans}, got shape {tuple(pixels.shape)}")
+
+    def _image_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, N, D) vision tokens with 2-D position added."""
+        self._check_pixels(pixels, 4)
+        tokens, grid = self.vision_tokenizer(pixels)
+        return tokens + self._patch_pos_embed(grid)
 
     def _patch_pos_embed(self, grid: tuple[int, int]) -> torch.Tensor:
         """(1, h*w, D) 2-D position embedding, interpolated when the grid differs from the trained one."""
@@ -316,20 +328,6 @@ class UnifiedTrunk(nn.Module):
         if grid != self.grid:
             pos = resample_abs_pos_embed(pos, list(grid), list(self.grid), num_prefix_tokens=0)
         return pos
-
-    def _frame_tokens(self, frames: torch.Tensor) -> torch.Tensor:
-        """(B, T, C, H, W) -> (B, T', N, D) patch tokens per token-frame (T' = T, or 1 + (T-1)/t with tubelets)."""
-        batch, num_frames = frames.shape[:2]
-        if self.tubelet_size == 1 or num_frames == 1:
-            tokens, _ = self._patch_tokens(frames.flatten(0, 1))
-            return tokens.view(batch, num_frames, tokens.shape[1], -1)
-        if (num_frames - 1) % self.tubelet_size:
-            raise ModelError(f"clip of {num_frames} frames: with tubelet_size={self.tubelet_size} a clip needs "
-                             f"1 + k*{self.tubelet_size} frames (first frame alone, then whole tubelets)")
-        first, grid = self._patch_tokens(frames[:, 0])
-        later = self.tubelet_embed(frames[:, 1:].transpose(1, 2))  # (B, D, T'-1, h, w)
-        later = later.flatten(3).permute(0, 2, 3, 1) + self._patch_pos_embed(grid)
-        return torch.cat([first[:, None], later], dim=1)
 
     def _with_cls(self, tokens: torch.Tensor, modality: int) -> torch.Tensor:
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)
@@ -348,23 +346,23 @@ class UnifiedTrunk(nn.Module):
         return TokenBatch(x, mask)
 
     def embed_image(self, pixels: torch.Tensor) -> TokenBatch:
-        tokens, _ = self._patch_tokens(pixels)
-        return TokenBatch(self._with_cls(tokens, IMAGE))
+        return TokenBatch(self._with_cls(self._image_tokens(pixels), IMAGE))
 
     def embed_video(self, frames: torch.Tensor) -> TokenBatch:
         """(B, T, C, H, W) -> [CLS, frame-major patches] with temporal embedding and a rolling index."""
-        tokens = self._frame_tokens(frames)
+        self._check_pixels(frames, 5)
+        tokens, grid = self.vision_tokenizer.forward_video(frames)
         num_frames, per_frame = tokens.shape[1:3]
         if num_frames > self.max_frames:
             raise ModelError(f"clip of {num_frames} (token) frames exceeds model.max_frames={self.max_frames}")
-        tokens = tokens + self.temporal_embed[:, :num_frames, None]
+        tokens = tokens + self._patch_pos_embed(grid) + self.temporal_embed[:, :num_frames, None]
         x = self._with_cls(tokens.flatten(1, 2), VIDEO)
         roll = roll_index(num_frames, per_frame).to(x.device) if self.rolling and num_frames > 1 else None
         return TokenBatch(x, roll=roll)
 
     def embed_images_packed(self, images: list[torch.Tensor]) -> TokenBatch:
         """Images of different sizes (each (C, H, W), patch multiples) packed without padding."""
-        sequences = [self._with_cls(self._patch_tokens(img[None])[0], IMAGE)[0] for img in images]
+        sequences = [self._with_cls(self._image_tokens(img[None]), IMAGE)[0] for img in images]
         packed = PackedSeqs([len(s) for s in sequences], sequences[0].device)
         return TokenBatch(torch.cat(sequences), packed=packed)
 
@@ -445,9 +443,6 @@ class UnifiedTrunk(nn.Module):
             else:
                 text = block.forward_cross(text, k, v, mask)
         return text
-
-    def normed(self, tokens: TokenBatch) -> TokenBatch:
-        return replace(tokens, x=self.norm(tokens.x))
 
     def forward_image(self, pixels: torch.Tensor) -> torch.Tensor:
         """All layers on images alone, final norm: (B, 1 + N, D) — timm's ``forward_features``."""

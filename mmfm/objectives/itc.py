@@ -1,6 +1,7 @@
 """Image/video-text contrastive loss (ALBEF ITC) with a momentum feature queue and soft targets.
 
-Online features are compared with [momentum batch ; queue]; targets are the identity/same-id positives,
+Online features are compared with [momentum batch ; queue]; targets are the identity (ALBEF pretraining,
+`diagonal_targets`) or the same-id positives (ALBEF retrieval fine-tuning, `positive_targets`),
 mixed with the momentum model's own similarity distribution by ``alpha`` (momentum distillation).
 With alpha = 0, no queue, and keys = the online features, this is CLIP's symmetric InfoNCE.
 """
@@ -40,9 +41,22 @@ class FeatureQueue(nn.Module):
 
 
 def positive_targets(query_ids: torch.Tensor, key_ids: torch.Tensor) -> torch.Tensor:
-    """Row-normalised (B, K) target: 1 where the key shares the query's id."""
+    """Row-normalised (B, K) target: 1 where the key shares the query's id, queue keys included.
+
+    ALBEF's retrieval fine-tuning targets (``idx`` vs [batch ids ; queue ids]): every caption of an image
+    is a positive of it.
+    """
     positives = (query_ids[:, None] == key_ids[None, :]).float()
     return positives / positives.sum(1, keepdim=True)
+
+
+def diagonal_targets(batch_size: int, queue_size: int, device=None) -> torch.Tensor:
+    """(B, B + Q) target over keys [momentum batch ; queue]: the identity on the batch, zero on the queue.
+
+    ALBEF's pretraining targets (``sim_targets.fill_diagonal_(1)``): only a query's own pair is a
+    positive, even when another pair or a queued key shows the same image.
+    """
+    return F.pad(torch.eye(batch_size, device=device), (0, queue_size))
 
 
 def _soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -16,15 +16,18 @@ from mmfm.models.trunk import FusionContext, TokenBatch
 def sample_hard_negatives(sim: torch.Tensor, row_ids: torch.Tensor, col_ids: torch.Tensor) -> torch.Tensor:
     """For each row, a column index sampled by softmax(sim) among columns of a different id.
 
-    Rows whose every column shares their id (nothing to contrast) get a uniformly drawn other column;
-    their label is then decided by id equality, never assumed.
+    Rows whose every column shares their id (nothing to contrast) draw, by the same softmax, among the
+    columns other than their own (column i for row i); their label is then decided by id equality,
+    never assumed.
     """
-    weights = F.softmax(sim.float(), dim=1)
-    same = row_ids[:, None] == col_ids[None, :]
-    weights = weights.masked_fill(same, 0.0)
-    empty = weights.sum(1) <= 0
-    if empty.any():
-        weights[empty] = 1.0
+    candidates = row_ids[:, None] != col_ids[None, :]
+    lonely = ~candidates.any(1)
+    if lonely.any():
+        others = ~torch.eye(*sim.shape, dtype=torch.bool, device=sim.device)
+        candidates[lonely] = others[lonely]
+        candidates |= ~candidates.any(1, keepdim=True)  # a single column: the only choice
+    # masking logits (not softmax weights) keeps a far-off candidate drawable when its weight underflows
+    weights = F.softmax(sim.float().masked_fill(~candidates, float("-inf")), dim=1)
     return torch.multinomial(weights, 1).squeeze(1)
 
 

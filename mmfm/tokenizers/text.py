@@ -18,7 +18,7 @@ class TextTokenizer:
 
     def __init__(self, context_length: int = 40):
         if context_length < 3:
-            raise ConfigError(f"model.text.context_length={context_length}: must be >= 3 ([CLS], a token, [SEP])")
+            raise ConfigError(f"model.context_length={context_length}: must be >= 3 ([CLS], a token, [SEP])")
         self.context_length = context_length
         self._bpe = SimpleTokenizer(context_length=context_length)
         self.bpe_size = len(self._bpe.encoder)

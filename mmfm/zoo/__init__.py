@@ -2,9 +2,11 @@
 
 from mmfm import zoo
 zoo.list_models()                          # names of the published checkpoints
+zoo.list_models(task="vqa")                # those trained on a task of mmfm.tasks.list_tasks()
 path = zoo.resolve("mmfm-small-shapes")    # local, verified file (downloaded once, then cached)
 state_dict, metadata = zoo.load_state_dict(path)
-config = zoo.read_config(path)             # the architecture dict from the file's metadata
+info = zoo.read_info(path)                 # architecture, preprocessing, answers from the metadata
+model = mmfm.create_model("mmfm-small-shapes")   # the model itself (mmfm.factory)
 """
 
 from __future__ import annotations
@@ -12,10 +14,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from mmfm.models.io import load_state_dict, read_info
 from mmfm.zoo.download import cache_path, clear_cache, fetch, is_offline, mmfm_home, verify_entry
-from mmfm.zoo.manifest import ZooEntry, find_entry, load_manifest, manifest_path
+from mmfm.zoo.manifest import ZooEntry, check_tasks, find_entry, load_manifest, manifest_path
 from mmfm.zoo.publish import publish
-from mmfm.zoo.weights import load_state_dict, read_config
 
 __all__ = [
     "ZooEntry",
@@ -29,22 +31,22 @@ __all__ = [
     "manifest_path",
     "mmfm_home",
     "publish",
-    "read_config",
+    "read_info",
     "resolve",
     "verify_entry",
 ]
 
 
-def list_models(pretrained: bool = True, task: str | None = None) -> list[str]:
-    """Sorted names of the zoo's checkpoints (`pretrained=True`) or of the architectures they use.
+def list_models(task: str | None = None) -> list[str]:
+    """Sorted names of the zoo's checkpoints; with `task`, only those trained on it.
 
-    With `pretrained=False` an entry contributes its architecture's `name` (or its own name when the
-    architecture has none). `task` keeps only entries of that task.
+    Architecture presets (untrained models) are `mmfm.list_models(pretrained=False)`.
     """
-    entries = [e for e in load_manifest() if task is None or e.task == task]
-    if pretrained:
-        return sorted(e.name for e in entries)
-    return sorted({e.architecture.get("name", e.name) for e in entries})
+    entries = load_manifest()
+    if task is not None:
+        check_tasks([task], "list_models")
+        entries = [e for e in entries if task in e.tasks]
+    return sorted(e.name for e in entries)
 
 
 def info(name: str, tag: str | None = None) -> dict[str, Any]:

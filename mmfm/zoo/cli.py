@@ -8,7 +8,7 @@ import json
 import yaml
 
 from mmfm import zoo
-from mmfm.zoo.manifest import TASKS, find_entry, load_manifest
+from mmfm.zoo.manifest import find_entry, load_manifest
 
 
 def register(subparsers) -> None:
@@ -43,17 +43,18 @@ def register(subparsers) -> None:
     publish.add_argument("--base-url", help="URL folder the weights will be served from (listed first)")
     publish.add_argument("--description", default="")
     publish.add_argument("--license", default="apache-2.0")
-    publish.add_argument("--task", choices=TASKS)
+    publish.add_argument("--task", action="append", dest="tasks", help="repeatable (default: train.tasks)")
     publish.add_argument("--tag", action="append", default=[], dest="tags", help="repeatable")
     publish.add_argument("--overwrite", action="store_true", help="replace an entry of the same name")
     publish.set_defaults(func=cmd_publish)
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    """One line per entry: name, task, size, whether it is cached."""
+    """One line per entry: name, tasks (comma-joined), size, whether it is cached."""
     for entry in load_manifest():
         cached = "cached" if zoo.cache_path(entry).exists() else "-"
-        print(f"{entry.name:<32} {entry.task:<13} {_human_size(entry.weights.size):>9}  {cached}")
+        tasks = ",".join(entry.tasks)
+        print(f"{entry.name:<32} {tasks:<24} {_human_size(entry.weights.size):>9}  {cached}")
     return 0
 
 
@@ -102,7 +103,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
         args.zoo_dir,
         description=args.description,
         license=args.license,
-        task=args.task,
+        tasks=args.tasks,
         tags=args.tags,
         base_url=args.base_url,
         overwrite=args.overwrite,

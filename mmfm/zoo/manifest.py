@@ -1,7 +1,7 @@
 """The model-zoo manifest: `model_zoo/models.yaml`, a list of named, hash-pinned checkpoints.
 
-Each entry names one checkpoint, the architecture it was trained with, where its files can be
-fetched from (several mirrors, tried in order) and the sha256/size that every copy must match.
+Each entry names one checkpoint, the tasks and architecture it was trained with, where its files
+can be fetched from (several mirrors, tried in order) and the sha256/size that every copy must match.
 `MMFM_ZOO_MANIFEST=FILE` points mmfm at another manifest (a private zoo, a test fixture).
 """
 
@@ -17,15 +17,15 @@ from typing import Any
 import yaml
 
 from mmfm.errors import ZooError
+from mmfm.fileio import atomic_write_text
 
 DEFAULT_MANIFEST = Path(__file__).resolve().parents[2] / "model_zoo" / "models.yaml"
 MANIFEST_ENV = "MMFM_ZOO_MANIFEST"
 
-TASKS = ("retrieval", "vqa", "video_qa", "segmentation", "pretrain")
 REQUIRED_KEYS = (
     "name",
     "description",
-    "task",
+    "tasks",
     "architecture",
     "files",
     "license",
@@ -34,7 +34,7 @@ REQUIRED_KEYS = (
 )
 OPTIONAL_KEYS = ("tags", "params")
 FILE_KEYS = ("sources", "sha256", "size")
-PREPROCESSING_KEYS = ("image_size", "mean", "std", "frames")
+PREPROCESSING_KEYS = ("image_size", "mean", "std", "num_frames")  # a checkpoint's mmfm_preprocess
 SOURCE_SCHEMES = ("https://", "http://", "hf-hub:", "file:")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
@@ -46,10 +46,11 @@ MANIFEST_HEADER = """\
 #
 # - name: mmfm-small-shapes          # unique; letters, digits, . _ -
 #   description: what it is, what it was trained on
-#   task: retrieval                   # retrieval | vqa | video_qa | segmentation | pretrain
-#   architecture: {...}               # the model config dict (also stored in the file's metadata)
+#   tasks: [image_text, video_text]   # trained on; names of mmfm.tasks.list_tasks()
+#   architecture: {arch: mmfm-small, family: mmfm, ...}   # the checkpoint's mmfm_arch metadata
 #   files:
-#     weights:                        # one safetensors file, metadata keys mmfm_config + mmfm_format
+#     weights:                        # one safetensors file (format 2): metadata mmfm_arch,
+#                                     # mmfm_preprocess, mmfm_answers, mmfm_format
 #       sources:                      # tried in order until one gives the right bytes
 #         - https://example.org/mmfm-small-shapes.safetensors
 #         - hf-hub:org/repo/mmfm-small-shapes.safetensors
@@ -58,7 +59,7 @@ MANIFEST_HEADER = """\
 #       size: <bytes>
 #   license: apache-2.0
 #   metrics: {txt_r1: 0.0, img_r1: 0.0}        # names as in docs (txt_r1, vqa_acc, miou, ...)
-#   preprocessing: {image_size: 224, mean: [...], std: [...], frames: 8}
+#   preprocessing: {image_size: 224, mean: [...], std: [...], num_frames: 8}   # its mmfm_preprocess
 #   tags: [shapes]                    # optional; create_model(NAME, pretrained="shapes") picks by tag
 #   params: 12345678                  # optional; parameter count, shown in the README
 """
@@ -85,7 +86,7 @@ class ZooEntry:
 
     name: str
     description: str
-    task: str
+    tasks: tuple[str, ...]
     architecture: dict[str, Any]
     files: dict[str, FileSpec]
     license: str
@@ -105,7 +106,7 @@ class ZooEntry:
         data = {
             "name": self.name,
             "description": self.description,
-            "task": self.task,
+            "tasks": list(self.tasks),
             "architecture": self.architecture,
             "files": {
                 role: {"sources": list(spec.sources), "sha256": spec.sha256, "size": spec.size}
@@ -157,20 +158,19 @@ def save_manifest(entries: list[ZooEntry], path: str | Path) -> None:
     path = Path(path)
     header = _leading_comments(path) or MANIFEST_HEADER
     body = yaml.safe_dump([entry.to_dict() for entry in entries], sort_keys=False, default_flow_style=False)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(header + body, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, header + body)
 
 
 def find_entry(name: str, tag: str | None = None, entries: list[ZooEntry] | None = None) -> ZooEntry:
-    """The entry called `name`; with `tag`, the entry carrying that tag whose name (or architecture name) is `name`."""
+    """The entry called `name`; with `tag`, the entry carrying that tag whose name or architecture `arch`
+    (preset) is `name`."""
     entries = load_manifest() if entries is None else entries
     if tag is None:
         for entry in entries:
             if entry.name == name:
                 return entry
         raise ZooError(_unknown_name_message(name, entries))
-    family = [e for e in entries if name in (e.name, e.architecture.get("name"))]
+    family = [e for e in entries if name in (e.name, e.architecture.get("arch"))]
     if not family:
         raise ZooError(_unknown_name_message(name, entries))
     tagged = [e for e in family if tag in e.tags]
@@ -199,14 +199,11 @@ def _parse_entry(item: Any, index: int, path: Path) -> ZooEntry:
     name = _expect(item, "name", str, label)
     if not NAME_PATTERN.match(name):
         raise ZooError(f"{label}: name {name!r} may only use letters, digits, '.', '_' and '-'")
-    task = _expect(item, "task", str, label)
-    if task not in TASKS:
-        raise ZooError(f"{label}: task {task!r} is not one of {', '.join(TASKS)}")
+    tasks = check_tasks(_expect(item, "tasks", list, label), label)
     files = _expect(item, "files", dict, label)
     if "weights" not in files:
         raise ZooError(f"{label}: key 'files' needs a 'weights' file")
-    preprocessing = _expect(item, "preprocessing", dict, label)
-    _check_keys(preprocessing, (), PREPROCESSING_KEYS, f"{label} preprocessing")
+    preprocessing = check_preprocessing(_expect(item, "preprocessing", dict, label), label)
     tags = item.get("tags", [])
     if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
         raise ZooError(f"{label}: key 'tags' must be a list of strings")
@@ -216,7 +213,7 @@ def _parse_entry(item: Any, index: int, path: Path) -> ZooEntry:
     return ZooEntry(
         name=name,
         description=_expect(item, "description", str, label),
-        task=task,
+        tasks=tasks,
         architecture=_expect(item, "architecture", dict, label),
         files={role: _parse_file(role, spec, label) for role, spec in files.items()},
         license=_expect(item, "license", str, label),
@@ -226,6 +223,25 @@ def _parse_entry(item: Any, index: int, path: Path) -> ZooEntry:
         params=params,
         manifest_dir=path.resolve().parent,
     )
+
+
+def check_tasks(tasks: list[str] | tuple[str, ...], label: str) -> tuple[str, ...]:
+    """`tasks` as a tuple, once each is known to be a task of `mmfm.tasks.list_tasks()`."""
+    if not tasks or not all(isinstance(task, str) for task in tasks):
+        raise ZooError(f"{label}: key 'tasks' must be a non-empty list of task names")
+    from mmfm.tasks import list_tasks  # imports torch: only paid when there is an entry to check
+
+    valid = list_tasks()
+    for task in tasks:
+        if task not in valid:
+            raise ZooError(f"{label}: task {task!r} is not a task; use one of {', '.join(valid)}")
+    return tuple(tasks)
+
+
+def check_preprocessing(preprocessing: dict[str, Any], label: str) -> dict[str, Any]:
+    """`preprocessing`, once its keys are known to be among PREPROCESSING_KEYS."""
+    _check_keys(preprocessing, (), PREPROCESSING_KEYS, f"{label} preprocessing")
+    return preprocessing
 
 
 def _parse_file(role: str, spec: Any, label: str) -> FileSpec:

@@ -1,15 +1,15 @@
 """Turn a trained run directory into a model-zoo entry.
 
-A run directory holds `model.safetensors` (config in its `mmfm_config` metadata), `metrics.json` and
-`config.yaml`. `publish` copies the weights to `<zoo_dir>/<name>.safetensors`, hashes them and adds
-(or, with `overwrite=True`, replaces) the entry in `<zoo_dir>/models.yaml`.
+A run directory holds `model.safetensors` (a format-2 checkpoint: architecture and preprocessing in
+its metadata, `mmfm.models.io`), `metrics.json` and `config.yaml` (its `train.tasks`). `publish`
+copies the weights to `<zoo_dir>/<name>.safetensors`, hashes them and adds (or, with
+`overwrite=True`, replaces) the entry in `<zoo_dir>/models.yaml`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -18,17 +18,18 @@ import yaml
 from filelock import FileLock
 
 from mmfm.errors import ZooError
+from mmfm.fileio import atomic_path
+from mmfm.models.io import count_parameters, read_info
 from mmfm.zoo.manifest import (
     NAME_PATTERN,
-    PREPROCESSING_KEYS,
-    TASKS,
     FileSpec,
     ZooEntry,
+    check_preprocessing,
+    check_tasks,
     load_manifest,
     manifest_path,
     save_manifest,
 )
-from mmfm.zoo.weights import count_parameters, read_config
 
 WEIGHTS_FILE = "model.safetensors"
 METRICS_FILE = "metrics.json"
@@ -43,16 +44,17 @@ def publish(
     *,
     description: str = "",
     license: str = "apache-2.0",
-    task: str | None = None,
+    tasks: list[str] | tuple[str, ...] | None = None,
     tags: list[str] | tuple[str, ...] = (),
     base_url: str | None = None,
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Publish RUN_DIR as zoo entry `name`; returns the manifest entry (a dict) that was written.
 
-    `zoo_dir` defaults to the folder of the manifest in use. `task` defaults to the run config's
-    `task` key, else "pretrain". With `base_url`, `<base_url>/<name>.safetensors` is listed as the
-    first source, before the local `file:` copy.
+    `zoo_dir` defaults to the folder of the manifest in use. `tasks` (the tasks it was trained on)
+    default to the task streams of the run config's `train.tasks`. The architecture and preprocessing
+    come from the checkpoint's metadata. With `base_url`, `<base_url>/<name>.safetensors` is listed
+    as the first source, before the local `file:` copy.
     """
     run_dir = Path(run_dir)
     zoo_dir = Path(zoo_dir) if zoo_dir is not None else manifest_path().parent
@@ -62,9 +64,11 @@ def publish(
         raise ZooError(
             f"cannot publish {run_dir}: {weights} is missing (train first, or pass the run directory)"
         )
-    architecture = read_config(weights)
+    info = read_info(weights)
     metrics = _read_metrics(run_dir / METRICS_FILE)
-    run_config = _read_run_config(run_dir / CONFIG_FILE)
+    label = f"cannot publish {run_dir}"
+    tasks = check_tasks(tasks or _run_tasks(run_dir / CONFIG_FILE), label)
+    preprocessing = check_preprocessing(info.preprocess, f"{label}: {weights.name}")
     zoo_dir.mkdir(parents=True, exist_ok=True)
     manifest = zoo_dir / MANIFEST_FILE
     with FileLock(str(manifest) + ".lock"):
@@ -74,12 +78,12 @@ def publish(
         entry = ZooEntry(
             name=name,
             description=description or f"{name}, published from {run_dir.name}",
-            task=_pick_task(task, run_config),
-            architecture=architecture,
+            tasks=tasks,
+            architecture=info.arch,
             files={"weights": FileSpec("weights", _sources(name, base_url), sha256, size)},
             license=license,
             metrics=metrics,
-            preprocessing=_find_preprocessing(run_config, architecture),
+            preprocessing=preprocessing,
             tags=tuple(tags),
             params=count_parameters(weights),
             manifest_dir=zoo_dir.resolve(),
@@ -128,6 +132,18 @@ def _flatten_numbers(data: dict, prefix: str = "") -> dict[str, float]:
     return flat
 
 
+def _run_tasks(path: Path) -> list[str]:
+    """The task streams of the run config's `train.tasks` (a mapping to weights, or a list)."""
+    config = _read_run_config(path)
+    train = config.get("train")
+    tasks = train.get("tasks") if isinstance(train, dict) else None
+    if not isinstance(tasks, (dict, list)) or not tasks:
+        raise ZooError(
+            f"cannot publish: {path} names no train.tasks; pass the tasks it was trained on (--task NAME)"
+        )
+    return list(tasks)
+
+
 def _read_run_config(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
@@ -138,45 +154,18 @@ def _read_run_config(path: Path) -> dict[str, Any]:
     return config if isinstance(config, dict) else {}
 
 
-def _pick_task(task: str | None, run_config: dict[str, Any]) -> str:
-    task = task or run_config.get("task") or "pretrain"
-    if task not in TASKS:
-        raise ZooError(f"cannot publish: task {task!r} is not one of {', '.join(TASKS)}; pass --task")
-    return task
-
-
-def _find_preprocessing(*configs: dict[str, Any]) -> dict[str, Any]:
-    """The first value of each preprocessing key found anywhere in the configs (depth first)."""
-    found: dict[str, Any] = {}
-    for config in configs:
-        _collect_keys(config, found)
-    return {key: found[key] for key in PREPROCESSING_KEYS if key in found}
-
-
-def _collect_keys(node: Any, found: dict[str, Any]) -> None:
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if key in PREPROCESSING_KEYS and key not in found and not isinstance(value, dict):
-                found[key] = value
-            _collect_keys(value, found)
-    elif isinstance(node, list):
-        for item in node:
-            _collect_keys(item, found)
-
-
 def _sources(name: str, base_url: str | None) -> tuple[str, ...]:
     local = f"file:{name}.safetensors"
     return (f"{base_url.rstrip('/')}/{name}.safetensors", local) if base_url else (local,)
 
 
 def _copy_atomic(src: Path, dst: Path) -> tuple[str, int]:
-    """Copy src to dst through a temp file + rename; returns (sha256, size) of the bytes copied."""
+    """Copy src to dst atomically; returns (sha256, size) of the bytes copied."""
     digest = hashlib.sha256()
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    with open(src, "rb") as fin, open(tmp, "wb") as fout:
-        for chunk in iter(lambda: fin.read(1 << 20), b""):
-            digest.update(chunk)
-            fout.write(chunk)
-    shutil.copystat(src, tmp)
-    os.replace(tmp, dst)
+    with atomic_path(dst) as tmp:
+        with open(src, "rb") as fin, open(tmp, "wb") as fout:
+            for chunk in iter(lambda: fin.read(1 << 20), b""):
+                digest.update(chunk)
+                fout.write(chunk)
+        shutil.copystat(src, tmp)
     return digest.hexdigest(), dst.stat().st_size

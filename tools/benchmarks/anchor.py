@@ -63,7 +63,7 @@ def _mmfm_encoders():
     from mmfm.config import ModelConfig
     from mmfm.models.model import MMFM
 
-    model = MMFM(ModelConfig(width=192, depth=6, heads=3, fusion_layer=6, momentum=0, queue_size=0))
+    model = MMFM(ModelConfig(width=192, depth=6, heads=3, fusion_layer=6))
     return (model, lambda x: model.encode_vision(x).feat,
             lambda texts: model.encode_text(*model.tokenizer(texts)).feat,
             lambda: 1 / model.temp.clamp(0.001, 0.5))

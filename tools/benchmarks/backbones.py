@@ -9,7 +9,7 @@ Per backbone at its default resolution (timm ``pretrained_cfg['input_size']``; `
 ``--pretrain-seconds S``: ``img_r1`` (text->image R@1 of the ITC similarity, no ITM re-ranking, on the ShapesWorld
 retrieval test split) after
 ``tools/train.py --config configs/backbones/<name>.yaml train.max_minutes=S/60``, and the same budget
-for the plain patch-embedding trunk (``patch_embed``, the same config without ``model.backbone``).
+for the plain patch-embedding trunk (``patch``: the P2AT config with ``model.vision_tokenizer: patch``).
 The machine's load average is recorded: concurrent load slows every figure.
 """
 
@@ -24,12 +24,13 @@ from pathlib import Path
 
 import timm
 import torch
+import yaml
 
 import mmfm.backbones  # noqa: F401  (registers biformer / hornet / p2at with timm)
 
 REPO = Path(__file__).resolve().parents[2]
 BACKBONES = ("crossvit_tiny_240", "tnt_s_patch16_224", "biformer_tiny", "hornet_tiny_7x7", "p2at_small")
-BASELINE = "patch_embed"
+BASELINE = "patch"
 
 
 def add_arguments(parser):
@@ -69,11 +70,22 @@ def speed(name: str, args) -> dict:
             "images_per_s": round(images_per_second(model, size, args.batch, args.repeats), 2)}
 
 
+def baseline_config(output: Path) -> Path:
+    """The last backbone's config with the plain ``patch`` tokenizer instead: same trunk, data and budget."""
+    data = yaml.safe_load((REPO / "configs" / "backbones" / f"{BACKBONES[-1]}.yaml").read_text())
+    data["model"]["vision_tokenizer"] = BASELINE
+    del data["model"]["vision_tokenizer_kwargs"]
+    output.mkdir(parents=True, exist_ok=True)
+    path = output / f"{BASELINE}.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
 def pretrain_r1(name: str, args, output: Path) -> dict:
     """``tools/train.py`` on ``configs/backbones/<name>.yaml`` for the budget; img_r1 and steps done."""
-    config = REPO / "configs" / "backbones" / f"{BACKBONES[-1] if name == BASELINE else name}.yaml"
+    config = baseline_config(output) if name == BASELINE else REPO / "configs" / "backbones" / f"{name}.yaml"
     overrides = [f"data.root={args.data_root}", f"train.max_minutes={args.pretrain_seconds / 60}",
-                 f"train.threads={args.threads}", "eval.k_test=0"] + (["model.backbone="] if name == BASELINE else [])
+                 f"train.threads={args.threads}", "eval.k_test=0"]
     run_dir = output / name
     subprocess.run([sys.executable, str(REPO / "tools" / "train.py"), "--config", str(config), "--output",
                     str(run_dir), "--quiet", *overrides], check=True, cwd=REPO)

@@ -39,7 +39,6 @@ def _rss_mib() -> float:
 
 def _worker(model_name: str, impl: str, size: int, batch: int, threads: int, out_path: str) -> dict:
     """One measurement in this (fresh) process; writes the logits to out_path."""
-    sys.path.insert(0, str(REPO))
     import timm
     import torch
 

@@ -8,6 +8,8 @@ against its test-split metrics, one line per model kind (fused, or contrastive-o
 import json
 from pathlib import Path
 
+from mmfm.config import model_config
+
 TARGETS = {"img_r1": 85, "binding_acc": 97, "vqa_acc": 90, "videoqa_acc": 85, "vid_r1": 70}
 
 
@@ -30,7 +32,7 @@ def budget_points(runs: list[Path]) -> dict[str, list[dict]]:
     series: dict[str, list[dict]] = {}
     for run in runs:
         model, metrics = _read(run, "config.yaml")["model"], _read(run, "metrics.json")
-        kind = "contrastive-only" if model["fusion_layer"] >= model["depth"] else "fused"
+        kind = "fused" if model_config(model, presets=False).fuses else "contrastive-only"
         point = {"run": str(run), "minutes": round(metrics["train_seconds"] / 60, 1)}
         point.update({name: metrics[name] for name in TARGETS if name in metrics})
         series.setdefault(kind, []).append(point)

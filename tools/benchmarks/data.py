@@ -2,12 +2,14 @@
 
     python tools/bench.py data --json out.json [--data-root DIR] [--skip-gen]
 
-Reports `gen_seconds_default` (generating the default corpus), `image_loader_sps` (ImageTextDataset on
-pretrain.json, 64 px train transform, batch 128, 2 workers, whitespace tokenizer; samples/s over
->= 2,000 samples after warm-up) and `video_loader_cps` (VideoTextDataset, 8 frames, 64 px, 2 workers;
-clips/s), with the machine load at the time (other processes share the cores). Each figure comes
-with `*_cpu_us_per_item` (CPU time to load + collate one item in one process) and `*_idle_estimate`
-(workers / that time: the throughput the same workers would reach on otherwise idle cores).
+Reports `gen_seconds_default` (generating the default corpus on `gen_workers` processes; the corpus
+itself records no timings, so one seed always gives the same files), `image_loader_sps`
+(ImageTextDataset on pretrain.json, 64 px train transform, batch 128, 2 workers, whitespace tokenizer;
+samples/s over >= 2,000 samples after warm-up) and `video_loader_cps` (VideoTextDataset, 8 frames,
+64 px, 2 workers; clips/s), with the machine load at the time (other processes share the cores).
+Each figure comes with `*_cpu_us_per_item` (CPU time to load + collate one item in one process) and
+`*_idle_estimate` (workers / that time: the throughput the same workers would reach on otherwise idle
+cores).
 """
 
 from __future__ import annotations
@@ -89,10 +91,12 @@ def generate_corpus(args, root: Path) -> dict:
     images = args.images or shapes.DEFAULT_IMAGES
     videos = args.videos or shapes.DEFAULT_VIDEOS
     default = images == shapes.DEFAULT_IMAGES and videos == shapes.DEFAULT_VIDEOS
+    workers = os.cpu_count() or 1
     started = time.perf_counter()
-    shapes.generate(root, images=images, videos=videos, seed=0)
+    shapes.generate(root, images=images, videos=videos, seed=0, workers=workers)
     key = "gen_seconds_default" if default else "gen_seconds"
-    return {key: round(time.perf_counter() - started, 2), "gen_images": images, "gen_videos": videos}
+    return {key: round(time.perf_counter() - started, 2), "gen_workers": workers, "gen_images": images,
+            "gen_videos": videos}
 
 
 def run(args) -> dict:

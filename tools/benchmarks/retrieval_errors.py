@@ -68,7 +68,7 @@ def rerank_r1(candidates, itc, itm, truth) -> dict:
 def _rerank(model, image_tokens, text_tokens, scores, owner: list[int], k: int) -> dict:
     import torch
 
-    from mmfm.evaluation.retrieval import itm_scores
+    from mmfm.inference.encode import itm_scores
 
     top_sim, candidates = scores.topk(k, dim=1)
     rows = torch.arange(len(scores)).repeat_interleave(k)
@@ -79,14 +79,14 @@ def _rerank(model, image_tokens, text_tokens, scores, owner: list[int], k: int) 
 def _features(model, cfg, entries: list[dict]):
     """(image tokens, image features, text tokens, text features) of entries, images in entry order."""
     from mmfm.data import RetrievalEvalDataset
-    from mmfm.evaluation.retrieval import encode_media, encode_texts
-    from mmfm.factory import _dataset_kwargs, _eval_loader, _transforms
+    from mmfm.inference.encode import encode_media, encode_texts
+    from mmfm.tasks.base import dataset_kwargs, eval_loader, transform
 
     with tempfile.NamedTemporaryFile("w", suffix=".json") as handle:
         json.dump(entries, handle)
         handle.flush()
-        dataset = RetrievalEvalDataset(handle.name, transform=_transforms(cfg, False), **_dataset_kwargs(cfg))
-        image_tokens, image_feats, order = encode_media(model, _eval_loader(dataset, cfg), "image")
+        dataset = RetrievalEvalDataset(handle.name, transform=transform(cfg, False), **dataset_kwargs(cfg))
+        image_tokens, image_feats, order = encode_media(model, eval_loader(dataset, cfg), "image")
     in_entry_order = sorted(range(len(order)), key=order.__getitem__)
     text_tokens, text_feats = encode_texts(model, [c for e in entries for c in e["caption"]])
     return image_tokens.select(in_entry_order), image_feats[in_entry_order], text_tokens, text_feats
@@ -154,11 +154,11 @@ def run(args) -> dict:
     import torch
 
     from mmfm.config import load_config
-    from mmfm.factory import load_checkpoint_model
+    from mmfm.models.io import load_model
 
     torch.set_num_threads(args.threads)
     cfg = load_config(args.run / "config.yaml")
-    model = load_checkpoint_model(args.run).eval()
+    model = load_model(args.run)
     annotations = Path(cfg.data.root) / "annotations"
     scene_of = {s["image"]: s for split in ("train", "test")
                 for s in json.loads((annotations / f"scenes_{split}.json").read_text())}
@@ -184,7 +184,7 @@ def run(args) -> dict:
     test_y = _labels([scene_of[e["image"]] for e in test])
     per_caption = len(test[0]["caption"])
     rerank = {}
-    if model.cfg.fusion_layer < model.cfg.depth:
+    if model.fuses:
         with torch.no_grad():
             rerank = {"rerank_img_r1": _rerank(model, test_image_tokens, test_text_tokens, scores, owner,
                                                cfg.eval.k_test)}

@@ -57,12 +57,12 @@ def rss_mb(pid: int) -> float:
 def prepare(tmp: Path, items: int) -> tuple[Path, Path, str]:
     """Save the demo model and an index of random images; returns (checkpoint, index dir, a query image)."""
     from mmfm.inference.pipeline import Pipeline
-    from mmfm.models.model import save_pretrained
+    from mmfm.models.io import save_model
 
     helpers = _search_module()
     model = helpers.demo_model()
     checkpoint = tmp / "demo.safetensors"
-    save_pretrained(model, checkpoint)
+    save_model(model, checkpoint)
     paths = helpers.random_images(tmp / "images", items)
     Pipeline(model, "cpu").index(images=paths, progress=False).save(tmp / "index")
     return checkpoint, tmp / "index", paths[0]

@@ -15,7 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from mmfm.config import load_config
 from mmfm.engine.trainer import make_optimizer
 from mmfm.models.model import MMFM
-from mmfm.objectives.tasks import MultiTaskObjective
+from mmfm.tasks.objective import TaskObjective
 
 
 def add_arguments(parser):
@@ -48,7 +48,7 @@ def _batch(model, cfg, stream: str):
         return {"video": pixels, "text_ids": ids[:batch_size], "text_mask": mask[:batch_size],
                 "video_id": torch.arange(batch_size)}
     questions = {"question_ids": ids, "question_mask": mask,
-                 "target": torch.rand(batch_size, len(model.cfg.answers["vqa"]))}
+                 "target": torch.rand(batch_size, len(model.answers["vqa"]))}
     if stream == "vqa":
         return {"image": pixels, **questions}
     batch = {"image": pixels, "text_ids": ids, "text_mask": mask, "image_id": torch.arange(batch_size)}
@@ -64,10 +64,8 @@ def run(args) -> dict:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cfg = load_config(args.config, args.overrides)
-    model_cfg = cfg.model
-    model_cfg.answers = {"vqa": [str(i) for i in range(32)]}
-    model = MMFM(model_cfg)
-    objective = MultiTaskObjective(model, cfg.train.loss_weights, [args.stream], 100)
+    model = MMFM(cfg.model, answers={"vqa": [str(i) for i in range(32)]})
+    objective = TaskObjective(model, cfg.objective, [args.stream], 100)
     optimizer = make_optimizer(objective, cfg.train, torch.device("cpu"))
     batch = _batch(model, cfg, args.stream)
 

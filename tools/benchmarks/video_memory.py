@@ -40,17 +40,14 @@ def _rss_mib() -> float:
 
 def _worker(backend: str, frames: int, size: int, threads: int) -> dict:
     """One measurement in this (fresh) process."""
-    sys.path.insert(0, str(REPO))
     import torch
 
-    from mmfm.layers.attention import set_backend
     from mmfm.models.trunk import UnifiedTrunk
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    set_backend(backend)
     trunk = UnifiedTrunk(width=384, depth=12, num_heads=6, img_size=size, patch_size=16,
-                         max_frames=max(frames, 32)).eval()
+                         max_frames=max(frames, 32), attention_backend=backend).eval()
     clip = torch.randn(1, frames, 3, size, size)
     baseline = _rss_mib()
     start = time.perf_counter()

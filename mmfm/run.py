@@ -1,0 +1,191 @@
+"""A run built from its config by the library: model, objective, streams, training and evaluation.
+
+    run = build_run(load_config("configs/demo_shapes.yaml"))   # run.cfg is the resolved config
+    metrics = train(cfg, "runs/demo", resume="latest")
+    metrics = evaluate(model, cfg)
+
+``mmfm train`` / ``mmfm eval`` (and their shells ``tools/train.py`` / ``tools/eval.py``) call these.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from torch import nn
+
+from mmfm.config import Config, load_config, save_config
+from mmfm.data.collate import make_collate
+from mmfm.data.formats import read_json
+from mmfm.engine.trainer import Stream
+from mmfm.errors import ConfigError
+from mmfm.fileio import atomic_write_text
+from mmfm.models.io import build_model, load_model, save_model
+from mmfm.models.model import MMFM
+from mmfm.tasks import get_task, list_tasks
+from mmfm.tasks.objective import TaskObjective
+
+
+@dataclass
+class Run:
+    cfg: Config              # resolved: every value the run uses is filled in
+    model: nn.Module
+    objective: TaskObjective
+    streams: dict[str, Stream]
+
+
+def build_run(cfg: Config, world_size: int = 1) -> Run:
+    tasks = {name: get_task(name) for name in cfg.train.tasks}
+    answers = answer_lists(cfg, tasks.values())
+    model = initial_model(cfg, answers)
+    tokenizer = model.tokenizer if isinstance(model, MMFM) else None
+    streams = {name: Stream(name, task.build_dataset(cfg, answers), _batch_size(cfg, task, world_size),
+                            make_collate(tokenizer, task.text_keys), cfg.train.tasks[name])
+               for name, task in tasks.items()}
+    first = next(iter(streams.values()))
+    warmup = cfg.objective.alpha_warmup_steps or max(1, len(first.dataset) // cfg.train.batch_size)
+    cfg = replace(cfg, objective=replace(cfg.objective, alpha_warmup_steps=warmup))
+    return Run(cfg, model, TaskObjective(model, cfg.objective, list(tasks), warmup), streams)
+
+
+def answer_lists(cfg: Config, tasks) -> dict[str, list[str]]:
+    """Answer head -> answer list, for every head the run's tasks train."""
+    files = {}
+    for task in tasks:
+        files.update(task.answer_lists(cfg, cfg.model.fuses))
+    return {head: [str(answer) for answer in read_json(path)] for head, path in files.items()}
+
+
+def preprocess_of(cfg: Config) -> dict:
+    return {"image_size": cfg.data.image_size, "mean": list(cfg.data.mean), "std": list(cfg.data.std),
+            "num_frames": cfg.data.num_frames}
+
+
+def initial_model(cfg: Config, answers: dict) -> nn.Module:
+    """A fresh model of ``cfg.model``, started from ``train.init`` when given (timm ViT or mmfm checkpoint)."""
+    model = build_model(cfg.model, answers, preprocess_of(cfg), cfg.train.attention_backend)
+    if isinstance(model, MMFM):
+        model.temp.data.fill_(cfg.objective.temp)
+        model.trunk.set_grad_checkpointing(cfg.train.grad_checkpointing)
+    init = cfg.train.init
+    if init.startswith("timm:"):
+        import timm
+
+        model.trunk.load_timm(timm.create_model(init[5:], pretrained=True, img_size=cfg.model.img_size))
+    elif init:
+        _load_fitting(model, load_model(init))
+    return model
+
+
+def _load_fitting(model: nn.Module, source: nn.Module) -> None:
+    """Every tensor of ``source`` whose name and shape the new model shares (heads of new answer lists and
+    other changed shapes start fresh)."""
+    own = model.state_dict()
+    fitting = {k: v for k, v in source.state_dict().items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict(fitting, strict=False)
+
+
+def _batch_size(cfg: Config, task, world_size: int) -> int:
+    batch = cfg.train.batch_size
+    if task.modality == "video" and cfg.train.video_batch_size:
+        batch = cfg.train.video_batch_size
+    if batch % world_size:
+        raise ConfigError(f"the {task.name} batch of {batch} does not split over {world_size} processes")
+    return batch // world_size
+
+
+def train(cfg: Config, output: str | Path, resume: str | None = None, quiet: bool = False,
+          run_eval: bool = True) -> dict:
+    """Train, save OUTPUT/model.safetensors, evaluate, and write metrics.json, curves.png, config.yaml."""
+    from mmfm.engine.trainer import Trainer, make_accelerator, plot_history
+
+    output = Path(output)
+    accelerator = make_accelerator(cfg.train)
+    run = build_run(cfg, accelerator.num_processes)
+    if accelerator.is_main_process:
+        output.mkdir(parents=True, exist_ok=True)
+        save_config(run.cfg, output / "config.yaml")
+    trainer = Trainer(run.cfg.train, output, accelerator, quiet=quiet)
+    metrics = trainer.fit(run.objective, run.streams, num_workers=cfg.data.num_workers, resume=resume,
+                          max_bad_fraction=cfg.data.max_bad_fraction)
+    if accelerator.is_main_process:
+        save_model(run.model, output / "model.safetensors")
+        if run_eval:
+            metrics.update(timed_evaluate(run.model, run.cfg, quiet))
+        write_metrics(output / "metrics.json", metrics)
+        plot_history(output)
+    accelerator.wait_for_everyone()
+    return metrics
+
+
+def evaluate(model: nn.Module, cfg: Config, quiet: bool = True) -> dict:
+    """Every evaluation of ``eval.metrics`` that a task of the model's family serves; a flat metrics dict."""
+    wanted, family = set(cfg.eval.metrics), model.arch_dict()["family"]
+    model.eval()
+    metrics: dict = {}
+    for name in list_tasks():
+        task = get_task(name)
+        if task.family == family and wanted & set(task.metrics):
+            metrics.update(task.evaluate(model, cfg, wanted, quiet))
+    return metrics
+
+
+def timed_evaluate(model: nn.Module, cfg: Config, quiet: bool = True) -> dict:
+    start = time.perf_counter()
+    metrics = evaluate(model, cfg, quiet)
+    metrics["eval_seconds"] = round(time.perf_counter() - start, 2)
+    return metrics
+
+
+def write_metrics(path: Path, metrics: dict) -> None:
+    atomic_write_text(path, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+
+
+# ---- `mmfm train` / `mmfm eval` -------------------------------------------------------------------
+
+def register(subparsers) -> None:
+    """Add the ``train`` and ``eval`` commands; each sets ``args.func(args) -> exit code``."""
+    parser = subparsers.add_parser("train", help="train a model from a YAML config")
+    parser.add_argument("--config", required=True, help="YAML config (see configs/)")
+    parser.add_argument("--output", default=None, help="run directory (default runs/<config name>)")
+    parser.add_argument("--resume", default=None, help="'latest' or a checkpoint directory")
+    parser.add_argument("--no-eval", action="store_true", help="skip the final evaluation")
+    _quiet_argument(parser)
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=50")
+    parser.set_defaults(func=cmd_train)
+
+    parser = subparsers.add_parser("eval", help="evaluate a trained model; writes OUTPUT/metrics.json")
+    parser.add_argument("--checkpoint", required=True, help="run directory or model.safetensors")
+    parser.add_argument("--config", required=True, help="YAML config whose data/eval blocks to use")
+    parser.add_argument("--output", required=True, help="directory for metrics.json")
+    _quiet_argument(parser)
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.k_test=32")
+    parser.set_defaults(func=cmd_eval)
+
+
+def _quiet_argument(parser) -> None:
+    """``--quiet`` after the command too (``mmfm train ... --quiet``), as well as ``mmfm --quiet train``."""
+    parser.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
+
+
+def cmd_train(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    output = Path(args.output or Path("runs") / Path(args.config).stem)
+    metrics = train(cfg, output, resume=args.resume, quiet=args.quiet, run_eval=not args.no_eval)
+    if not args.quiet:
+        print({k: v for k, v in metrics.items() if "/" not in k})
+    return 0
+
+
+def cmd_eval(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    model = load_model(args.checkpoint, cfg.train.attention_backend)
+    metrics = timed_evaluate(model, cfg, quiet=args.quiet)
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    write_metrics(output / "metrics.json", metrics)
+    print({k: v for k, v in metrics.items() if "/" not in k})
+    return 0
