@@ -112,7 +112,7 @@ def readme_tool():
 
 def test_readme_check_detects_a_stale_table(tmp_path, readme_tool, capsys):
     manifest = tmp_path / "models.yaml"
-    entry = manifest_entry("tiny", DATA, ["file:tiny.safetensors"], tasks=["vqa", "image_text"], params=2_500_000)
+    entry = manifest_entry("tiny", DATA, ["file:a"], tasks=["vqa", "image_text"], params=2_500_000)
     manifest.write_text(MANIFEST_HEADER + yaml.safe_dump([entry]))
     assert readme_tool(manifest, "--check") == 1  # no README yet
     assert readme_tool(manifest) == 0
@@ -120,7 +120,8 @@ def test_readme_check_detects_a_stale_table(tmp_path, readme_tool, capsys):
     assert "`mmfm_arch`" in readme and 'mmfm.create_model("NAME")' in readme
     row = next(line for line in readme.splitlines() if line.startswith("| `tiny`"))
     sha = hashlib.sha256(DATA).hexdigest()
-    assert row == f"| `tiny` | vqa, image_text | tiny | 2.5M | txt_r1 12.50 | 4.0 KiB | apache-2.0 | `{sha[:12]}` |"
+    assert row == ("| `tiny` | vqa, image_text | tiny | 2.5M "
+                   f"| txt_r1 12.50 | 4.0 KiB | apache-2.0 | `{sha[:12]}` |")
     assert readme_tool(manifest, "--check") == 0
     manifest.write_text(manifest.read_text().replace("12.5", "13.5"))
     capsys.readouterr()
