@@ -20,7 +20,7 @@ from mmfm.models.io import build_model, load_model, read_info
 
 
 def list_models(pretrained: bool = True, task: str | None = None) -> list[str]:
-    """Zoo checkpoint names (``pretrained=True``, those evaluated on ``task`` if given) or architecture
+    """Zoo checkpoint names (``pretrained=True``, those trained on ``task`` if given) or architecture
     presets (``pretrained=False``)."""
     if not pretrained:
         return list_architectures()
@@ -33,7 +33,8 @@ def create_model(name_or_path: str | Path, pretrained: bool | str | Path = True,
                  attention_backend: str = "auto", **arch_overrides) -> nn.Module:
     """A model by architecture name, zoo name or checkpoint path.
 
-    Architecture presets build an untrained model (``arch_overrides`` change its fields). For zoo names,
+    Architecture presets build an untrained model (``arch_overrides`` change its fields; a tag string asks
+    the zoo for the entry of that architecture carrying the tag). For zoo names,
     ``pretrained``: True = the zoo weights; a tag string = the entry carrying that tag; a path = these
     weights in the entry's architecture; False = the architecture, untrained. For a path, False gives an
     untrained model of the checkpoint's architecture.
@@ -44,7 +45,7 @@ def create_model(name_or_path: str | Path, pretrained: bool | str | Path = True,
     if _looks_like_path(name):
         raise ModelError(f"{name}: no such file or directory; pass a run directory, a .safetensors file, an "
                          "architecture (mmfm.list_models(pretrained=False)) or a zoo name (`mmfm zoo list`)")
-    if name in list_architectures():
+    if name in list_architectures() and not isinstance(pretrained, str):
         return build_model(_arch({"arch": name, **arch_overrides}), attention_backend=attention_backend)
     return _from_zoo(name, pretrained, attention_backend)
 

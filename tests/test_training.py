@@ -126,7 +126,8 @@ def test_resolved_config_reproduces_the_run_and_mmfm_train_is_tools_train(tmp_pa
     overrides = tiny_overrides + ["train.max_steps=3", "train.tasks={image_text: 1.0, vqa: 0.5}"]
     assert _train(first, overrides, "--no-eval").returncode == 0
     resolved = yaml.safe_load((first / "config.yaml").read_text())
-    assert resolved["objective"]["alpha_warmup_steps"] == 160 // 16, "the ramp length is resolved before saving"
+    captions = len(json.loads((Path(resolved["data"]["root"]) / "annotations" / "pretrain.json").read_text()))
+    assert resolved["objective"]["alpha_warmup_steps"] == captions // 16, "the ramp length is resolved before saving"
     assert resolved["model"]["arch"] == "mmfm-demo" and resolved["model"]["width"] == 64
     again = tmp_path / "again"
     cmd = [sys.executable, "-m", "mmfm.cli", "train", "--config", str(first / "config.yaml"), "--output", str(again),

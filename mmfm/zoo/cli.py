@@ -43,7 +43,9 @@ def register(subparsers) -> None:
     publish.add_argument("--base-url", help="URL folder the weights will be served from (listed first)")
     publish.add_argument("--description", default="")
     publish.add_argument("--license", default="apache-2.0")
-    publish.add_argument("--task", action="append", dest="tasks", help="repeatable (default: train.tasks)")
+    publish.add_argument(
+        "--task", action="append", dest="tasks", metavar="TASK", help="repeatable (default: train.tasks)"
+    )
     publish.add_argument("--tag", action="append", default=[], dest="tags", help="repeatable")
     publish.add_argument("--overwrite", action="store_true", help="replace an entry of the same name")
     publish.set_defaults(func=cmd_publish)

@@ -73,8 +73,7 @@ def speed(name: str, args) -> dict:
 def baseline_config(output: Path) -> Path:
     """The last backbone's config with the plain ``patch`` tokenizer instead: same trunk, data and budget."""
     data = yaml.safe_load((REPO / "configs" / "backbones" / f"{BACKBONES[-1]}.yaml").read_text())
-    data["model"]["vision_tokenizer"] = BASELINE
-    del data["model"]["vision_tokenizer_kwargs"]
+    data["model"] = {"arch": "mmfm-small", "vision_tokenizer": BASELINE}
     output.mkdir(parents=True, exist_ok=True)
     path = output / f"{BASELINE}.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
