@@ -17,11 +17,12 @@ from pathlib import Path
 
 from torch import nn
 
+from mmfm import zoo
 from mmfm.config import Config, load_config, save_config
 from mmfm.data.collate import make_collate
 from mmfm.data.formats import read_json
 from mmfm.engine.trainer import Stream
-from mmfm.errors import ConfigError
+from mmfm.errors import ConfigError, ModelError
 from mmfm.fileio import atomic_write_text
 from mmfm.models.io import build_model, load_model, save_model
 from mmfm.models.model import MMFM
@@ -158,7 +159,7 @@ def register(subparsers) -> None:
     parser.set_defaults(func=cmd_train)
 
     parser = subparsers.add_parser("eval", help="evaluate a trained model; writes OUTPUT/metrics.json")
-    parser.add_argument("--checkpoint", required=True, help="run directory or model.safetensors")
+    parser.add_argument("--checkpoint", required=True, help="run directory, .safetensors file or zoo name")
     parser.add_argument("--config", required=True, help="YAML config whose data/eval blocks to use")
     parser.add_argument("--output", required=True, help="directory for metrics.json")
     _quiet_argument(parser)
@@ -182,10 +183,22 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     cfg = load_config(args.config, args.overrides)
-    model = load_model(args.checkpoint, cfg.train.attention_backend)
+    model = load_model(resolve_checkpoint(args.checkpoint, args.quiet), cfg.train.attention_backend)
     metrics = timed_evaluate(model, cfg, quiet=args.quiet)
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     write_metrics(output / "metrics.json", metrics)
     print({k: v for k, v in metrics.items() if "/" not in k})
     return 0
+
+
+def resolve_checkpoint(value: str, quiet: bool = False) -> Path:
+    """``--checkpoint``: an existing run directory or file (a path wins), else a zoo name (downloaded once,
+    verified, cached)."""
+    if Path(value).exists():
+        return Path(value)
+    if value in zoo.list_models():
+        return zoo.resolve(value, quiet=quiet)
+    raise ModelError(f"--checkpoint {value}: no such run directory or .safetensors file, and no model of "
+                     f"that name in the model zoo ({zoo.manifest_path()}); pass a path, or a name that "
+                     "`mmfm zoo list` shows")

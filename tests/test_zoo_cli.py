@@ -77,7 +77,8 @@ def write_run(run: Path) -> None:
         "mmfm_answers": json.dumps({"vqa": ["yes", "no"]}),
         "mmfm_format": "2",
     }
-    save_file({"w": torch.zeros(2)}, str(run / "model.safetensors"), metadata=metadata)
+    tensors = {"w": torch.zeros(2), "steps": torch.arange(3)}
+    save_file(tensors, str(run / "model.safetensors"), metadata=metadata)
     (run / "metrics.json").write_text(json.dumps({"vqa_acc": 55.0}))
     (run / "config.yaml").write_text(yaml.safe_dump({"train": {"tasks": {"image_text": 1.0}}}))
 
@@ -97,6 +98,30 @@ def test_publish_command_adds_an_entry(zoo_cli, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out.split("\nregenerate")[0])["tasks"] == ["image_text"]
     assert zoo_cli("publish", run, "--name", "tiny-x", "--task", "retrieval") == 2
     assert "task 'retrieval' is not a task" in capsys.readouterr().err
+
+
+def test_publish_command_half_mirrors_training_and_size_cap(zoo_cli, tmp_path, capsys):
+    write_run(tmp_path / "run")
+    run = str(tmp_path / "run")
+    assert zoo_cli("publish", run, "--name", "big", "--max-size-mb", "0.0001") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "weights/big.safetensors would be 0.0 MB (" in err
+    assert "bytes), over the 0.0001 MB limit" in err
+    assert "--half" in err and not (tmp_path / "zoo" / "weights" / "big.safetensors").exists()
+    argv = ("--name", "tiny-half", "--half", "--hf-repo", "org/repo")
+    argv += ("--budget", "5 min", "--hardware", "1 CPU")
+    assert zoo_cli("publish", run, *argv) == 0
+    entry = json.loads(capsys.readouterr().out.split("\nregenerate")[0])
+    assert entry["dtype"] == "float16"
+    assert entry["files"]["weights"]["sources"] == [
+        "file:weights/tiny-half.safetensors",
+        "hf-hub:org/repo/tiny-half.safetensors",
+    ]
+    command = f"python tools/train.py --config {Path(run).as_posix()}/config.yaml"
+    assert entry["training"] == {"command": command, "budget": "5 min", "hardware": "1 CPU"}
+    assert zoo_cli("publish", run, "--name", "tiny-cmd", "--train-command", "make train") == 0
+    entry = json.loads(capsys.readouterr().out.split("\nregenerate")[0])
+    assert entry["training"] == {"command": "make train"} and entry["dtype"] == "float32"
 
 
 @pytest.fixture
@@ -121,8 +146,27 @@ def test_readme_check_detects_a_stale_table(tmp_path, readme_tool, capsys):
     row = next(line for line in readme.splitlines() if line.startswith("| `tiny`"))
     sha = hashlib.sha256(DATA).hexdigest()
     assert row == ("| `tiny` | vqa, image_text | tiny | 2.5M "
-                   f"| txt_r1 12.50 | 4.0 KiB | apache-2.0 | `{sha[:12]}` |")
+                   f"| txt_r1 12.50 | 4.0 KiB | - | - | apache-2.0 | `{sha[:12]}` |")
+    assert "How they were trained" not in readme
     assert readme_tool(manifest, "--check") == 0
     manifest.write_text(manifest.read_text().replace("12.5", "13.5"))
     capsys.readouterr()
     assert readme_tool(manifest, "--check") == 1 and "stale" in capsys.readouterr().err
+
+
+def test_readme_shows_dtype_and_how_each_model_was_trained(tmp_path, readme_tool):
+    manifest = tmp_path / "models.yaml"
+    command = "python tools/train.py --config c.yaml"
+    training = {"hardware": "2 CPU cores", "command": command, "budget": "20 min"}  # listed command first
+    entries = [
+        manifest_entry("tiny", DATA, ["file:a"], dtype="float16", training=training),
+        manifest_entry("other", DATA, ["file:b"], dtype="float32"),
+    ]
+    manifest.write_text(MANIFEST_HEADER + yaml.safe_dump(entries))
+    assert readme_tool(manifest) == 0
+    readme = (tmp_path / "README.md").read_text()
+    rows = {line.split(" | ")[0]: line.split(" | ") for line in readme.splitlines() if line.startswith("| `")}
+    assert rows["| `tiny`"][6:8] == ["float16", "20 min"] and rows["| `other`"][6:8] == ["float32", "-"]
+    section = readme.split("## How they were trained\n", 1)[1]
+    assert section == ("\n### `tiny`\n\n- command: `python tools/train.py --config c.yaml`\n"
+                       "- budget: 20 min\n- hardware: 2 CPU cores\n")

@@ -13,7 +13,7 @@ from mmfm import zoo
 from mmfm.architectures import list_architectures
 from mmfm.errors import ZooError
 from mmfm.tasks import list_tasks
-from mmfm.zoo.manifest import DEFAULT_MANIFEST, find_entry, load_manifest
+from mmfm.zoo.manifest import DEFAULT_MANIFEST, find_entry, load_manifest, save_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = b"weights"
@@ -52,6 +52,10 @@ def test_unknown_name_without_close_match_points_to_the_list(tmp_path, monkeypat
         (lambda e: e.update(tasks=[]), "key 'tasks' must be a non-empty list"),
         (lambda e: e.update(task="vqa"), r"unknown key 'task'"),
         (lambda e: e["preprocessing"].update(crop=1), r"preprocessing: unknown key 'crop'"),
+        (lambda e: e.update(training="20 min"), r"entry #0 \(tiny\): key 'training' must be a mapping"),
+        (lambda e: e.update(training={"budget": 20}), r"key 'training\.budget' must be a string, got int"),
+        (lambda e: e.update(training={"gpus": "1"}), r"\(tiny\) training: unknown key 'gpus' \(allowed: c"),
+        (lambda e: e.update(dtype="int8"), r"key 'dtype' must be one of float16, float32, got 'int8'"),
     ],
 )
 def test_schema_errors_name_entry_and_key(tmp_path, monkeypatch, change, message):
@@ -60,6 +64,46 @@ def test_schema_errors_name_entry_and_key(tmp_path, monkeypatch, change, message
     write(tmp_path, monkeypatch, entry)
     with pytest.raises(ZooError, match=message):
         load_manifest()
+
+
+def test_training_and_dtype_round_trip(tmp_path, monkeypatch):
+    training = {"command": "python tools/train.py --config runs/zoo_s/config.yaml", "budget": "20 min",
+                "hardware": "2 CPU cores"}
+    written = manifest_entry("tiny", DATA, ["file:a"], dtype="float16", training=training)
+    manifest = write(tmp_path, monkeypatch, written)
+    entry = load_manifest()[0]
+    assert entry.dtype == "float16" and entry.training == training
+    assert entry.to_dict() == written
+    save_manifest([entry], manifest)
+    assert load_manifest()[0] == entry and yaml.safe_load(manifest.read_text()) == [written]
+
+
+def link_out(zoo_dir: Path, outside: Path) -> str:
+    """A file: source inside the folder that is a symbolic link to a file outside it."""
+    (zoo_dir / "weights").mkdir()
+    (zoo_dir / "weights" / "tiny.safetensors").symlink_to(outside)
+    return "file:weights/tiny.safetensors"
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        lambda zoo_dir, outside: "file:../escape.safetensors",
+        lambda zoo_dir, outside: "file:weights/../../escape.safetensors",
+        lambda zoo_dir, outside: f"file:{outside}",
+        link_out,
+    ],
+    ids=["parent", "parent-via-subfolder", "absolute", "symlink"],
+)
+def test_file_source_outside_the_manifest_folder_is_refused(tmp_path, monkeypatch, source):
+    outside = tmp_path / "escape.safetensors"
+    outside.write_bytes(DATA)
+    zoo_dir = tmp_path / "zoo"  # where write() puts models.yaml
+    zoo_dir.mkdir()
+    write(tmp_path, monkeypatch, manifest_entry("tiny", DATA, [source(zoo_dir, outside)]))
+    with pytest.raises(ZooError, match=r"of model 'tiny': a file: source must be a path inside the manifest"):
+        zoo.resolve("tiny", quiet=True)
+    assert not any((tmp_path / "home").rglob("*.safetensors"))
 
 
 def test_unknown_task_is_rejected_naming_entry_task_and_the_valid_ones(tmp_path, monkeypatch):

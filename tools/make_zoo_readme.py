@@ -15,7 +15,7 @@ from pathlib import Path
 
 from mmfm.errors import ZooError
 from mmfm.fileio import atomic_write_text
-from mmfm.zoo.manifest import ZooEntry, load_manifest, manifest_path
+from mmfm.zoo.manifest import TRAINING_KEYS, ZooEntry, load_manifest, manifest_path
 
 HEADER = """\
 # mmfm model zoo
@@ -42,7 +42,18 @@ Schema, offline use, mirrors and publishing: see `docs/zoo.md`.
 
 """
 
-COLUMNS = ("Name", "Tasks", "Architecture", "Params", "Metrics", "Size", "License", "sha256")
+COLUMNS = (
+    "Name",
+    "Tasks",
+    "Architecture",
+    "Params",
+    "Metrics",
+    "Size",
+    "Dtype",
+    "Budget",
+    "License",
+    "sha256",
+)
 
 
 def render(entries: list[ZooEntry]) -> str:
@@ -52,8 +63,10 @@ def render(entries: list[ZooEntry]) -> str:
             HEADER
             + "No checkpoints are published yet: train one, then `mmfm zoo publish RUN_DIR --name NAME`.\n"
         )
+    entries = sorted(entries, key=lambda e: (e.tasks, e.name))
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += [_row(entry) for entry in sorted(entries, key=lambda e: (e.tasks, e.name))]
+    lines += [_row(entry) for entry in entries]
+    lines += _training_sections([entry for entry in entries if entry.training])
     return HEADER + "\n".join(lines) + "\n"
 
 
@@ -65,10 +78,26 @@ def _row(entry: ZooEntry) -> str:
         _params(entry.params),
         ", ".join(f"{key} {_number(value)}" for key, value in entry.metrics.items()) or "-",
         _size(entry.weights.size),
+        entry.dtype or "-",
+        entry.training.get("budget", "-"),
         entry.license,
         f"`{entry.weights.sha256[:12]}`",
     )
     return "| " + " | ".join(cells) + " |"
+
+
+def _training_sections(entries: list[ZooEntry]) -> list[str]:
+    """How each checkpoint was trained: its command, budget and hardware (the manifest's `training`)."""
+    if not entries:
+        return []
+    lines = ["", "## How they were trained"]
+    for entry in entries:
+        lines += ["", f"### `{entry.name}`", ""]
+        for key in TRAINING_KEYS:
+            value = entry.training.get(key)
+            if value is not None:
+                lines.append(f"- {key}: `{value}`" if key == "command" else f"- {key}: {value}")
+    return lines
 
 
 def _params(params: int | None) -> str:

@@ -9,6 +9,7 @@ import yaml
 
 from mmfm import zoo
 from mmfm.zoo.manifest import find_entry, load_manifest
+from mmfm.zoo.publish import MAX_SIZE_MB
 
 
 def register(subparsers) -> None:
@@ -41,6 +42,21 @@ def register(subparsers) -> None:
     publish.add_argument("--name", required=True)
     publish.add_argument("--zoo-dir", help="folder of models.yaml and the weights (default: the manifest's)")
     publish.add_argument("--base-url", help="URL folder the weights will be served from (listed first)")
+    publish.add_argument(
+        "--hf-repo", metavar="ORG/REPO", help="Hugging Face Hub mirror, listed after the file: copy"
+    )
+    publish.add_argument("--half", action="store_true", help="store floating-point tensors as float16")
+    publish.add_argument(
+        "--max-size-mb",
+        type=float,
+        default=MAX_SIZE_MB,
+        help=f"refuse a weights file over this many MB, 10^6 bytes (default {MAX_SIZE_MB:g})",
+    )
+    publish.add_argument(
+        "--train-command", help="how it was trained (default: tools/train.py --config RUN_DIR/config.yaml)"
+    )
+    publish.add_argument("--budget", help="training budget, e.g. '3000 steps, 20 min'")
+    publish.add_argument("--hardware", help="what it trained on, e.g. '2 CPU cores'")
     publish.add_argument("--description", default="")
     publish.add_argument("--license", default="apache-2.0")
     publish.add_argument(
@@ -108,6 +124,12 @@ def cmd_publish(args: argparse.Namespace) -> int:
         tasks=args.tasks,
         tags=args.tags,
         base_url=args.base_url,
+        hf_repo=args.hf_repo,
+        half=args.half,
+        max_size_mb=args.max_size_mb,
+        train_command=args.train_command,
+        budget=args.budget,
+        hardware=args.hardware,
         overwrite=args.overwrite,
     )
     print(json.dumps(entry, indent=2))

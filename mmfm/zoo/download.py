@@ -302,8 +302,14 @@ def _copy_into_part(source_path: Path, spec: FileSpec, part: Path, quiet: bool) 
 
 
 def _local_source_path(source: str, entry: ZooEntry) -> Path:
-    path = Path(source[len("file:") :]).expanduser()
-    path = path if path.is_absolute() else entry.manifest_dir / path
+    """The file a `file:` source names: a path relative to the manifest's folder, never outside it."""
+    folder = entry.manifest_dir.resolve()
+    path = (folder / source[len("file:") :]).resolve()
+    if not path.is_relative_to(folder):  # absolute, `..` or a link out: the manifest may not read other files
+        raise ZooError(
+            f"{source} of model {entry.name!r}: a file: source must be a path inside the manifest's folder "
+            f"{folder} (like file:weights/{entry.name}.safetensors); fix the manifest"
+        )
     if not path.is_file():
         raise SourceNotFound(f"{source}: file {path} does not exist")
     return path

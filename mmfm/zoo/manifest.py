@@ -32,7 +32,9 @@ REQUIRED_KEYS = (
     "metrics",
     "preprocessing",
 )
-OPTIONAL_KEYS = ("tags", "params")
+OPTIONAL_KEYS = ("tags", "params", "dtype", "training")
+TRAINING_KEYS = ("command", "budget", "hardware")  # how the checkpoint was made, all strings
+DTYPES = ("float16", "float32")  # the dtype of the weights' floating-point tensors
 FILE_KEYS = ("sources", "sha256", "size")
 PREPROCESSING_KEYS = ("image_size", "mean", "std", "num_frames")  # a checkpoint's mmfm_preprocess
 SOURCE_SCHEMES = ("https://", "http://", "hf-hub:", "file:")
@@ -42,7 +44,8 @@ SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
 MANIFEST_HEADER = """\
 # mmfm model zoo manifest: a YAML list, one entry per named checkpoint.
 # Regenerate model_zoo/README.md after editing: python tools/make_zoo_readme.py
-# Add entries with `mmfm zoo publish RUN_DIR --name NAME` (it fills hashes, sizes and metrics).
+# Add entries with `mmfm zoo publish RUN_DIR --name NAME [--half]`: it writes weights/NAME.safetensors
+# and fills hashes, sizes, metrics, dtype and training.
 #
 # - name: mmfm-small-shapes          # unique; letters, digits, . _ -
 #   description: what it is, what it was trained on
@@ -53,8 +56,8 @@ MANIFEST_HEADER = """\
 #                                     # mmfm_preprocess, mmfm_answers, mmfm_format
 #       sources:                      # tried in order until one gives the right bytes
 #         - https://example.org/mmfm-small-shapes.safetensors
+#         - file:weights/mmfm-small-shapes.safetensors   # relative to this file's folder, inside it
 #         - hf-hub:org/repo/mmfm-small-shapes.safetensors
-#         - file:mmfm-small-shapes.safetensors   # relative to this file's folder
 #       sha256: <64 hex digits>
 #       size: <bytes>
 #   license: apache-2.0
@@ -62,6 +65,11 @@ MANIFEST_HEADER = """\
 #   preprocessing: {image_size: 224, mean: [...], std: [...], num_frames: 8}   # its mmfm_preprocess
 #   tags: [shapes]                    # optional; create_model(NAME, pretrained="shapes") picks by tag
 #   params: 12345678                  # optional; parameter count, shown in the README
+#   dtype: float16                    # optional; float16 or float32 (publish --half stores float16)
+#   training:                         # optional; how it was made, all strings, shown in the README
+#     command: python tools/train.py --config runs/zoo_s/config.yaml
+#     budget: 20 min                  # steps / time it took
+#     hardware: 2 CPU cores
 """
 
 
@@ -94,6 +102,8 @@ class ZooEntry:
     preprocessing: dict[str, Any]
     tags: tuple[str, ...] = ()
     params: int | None = None
+    dtype: str | None = None
+    training: dict[str, str] = field(default_factory=dict)
     manifest_dir: Path = field(default=DEFAULT_MANIFEST.parent, compare=False)
 
     @property
@@ -120,6 +130,10 @@ class ZooEntry:
             data["tags"] = list(self.tags)
         if self.params is not None:
             data["params"] = self.params
+        if self.dtype is not None:
+            data["dtype"] = self.dtype
+        if self.training:
+            data["training"] = dict(self.training)
         return data
 
 
@@ -156,7 +170,9 @@ def load_manifest(path: str | Path | None = None) -> list[ZooEntry]:
 def save_manifest(entries: list[ZooEntry], path: str | Path) -> None:
     """Write entries to `path` atomically, keeping the file's leading comment block (or the schema header)."""
     path = Path(path)
-    header = _leading_comments(path) or MANIFEST_HEADER
+    header = _leading_comments(path)
+    if not header or header.startswith(MANIFEST_HEADER.splitlines()[0]):  # our schema header: keep it current
+        header = MANIFEST_HEADER
     body = yaml.safe_dump([entry.to_dict() for entry in entries], sort_keys=False, default_flow_style=False)
     atomic_write_text(path, header + body)
 
@@ -210,6 +226,9 @@ def _parse_entry(item: Any, index: int, path: Path) -> ZooEntry:
     params = item.get("params")
     if params is not None and not isinstance(params, int):
         raise ZooError(f"{label}: key 'params' must be an integer")
+    dtype = item.get("dtype")
+    if dtype is not None and dtype not in DTYPES:
+        raise ZooError(f"{label}: key 'dtype' must be one of {', '.join(DTYPES)}, got {dtype!r}")
     return ZooEntry(
         name=name,
         description=_expect(item, "description", str, label),
@@ -221,6 +240,8 @@ def _parse_entry(item: Any, index: int, path: Path) -> ZooEntry:
         preprocessing=preprocessing,
         tags=tuple(tags),
         params=params,
+        dtype=dtype,
+        training=check_training(item.get("training", {}), label),
         manifest_dir=path.resolve().parent,
     )
 
@@ -242,6 +263,17 @@ def check_preprocessing(preprocessing: dict[str, Any], label: str) -> dict[str, 
     """`preprocessing`, once its keys are known to be among PREPROCESSING_KEYS."""
     _check_keys(preprocessing, (), PREPROCESSING_KEYS, f"{label} preprocessing")
     return preprocessing
+
+
+def check_training(training: Any, label: str) -> dict[str, str]:
+    """`training`, once it is known to map keys of TRAINING_KEYS to strings."""
+    if not isinstance(training, dict):
+        raise ZooError(f"{label}: key 'training' must be a mapping with keys {', '.join(TRAINING_KEYS)}")
+    _check_keys(training, (), TRAINING_KEYS, f"{label} training")
+    for key, value in training.items():
+        if not isinstance(value, str):
+            raise ZooError(f"{label}: key 'training.{key}' must be a string, got {type(value).__name__}")
+    return training
 
 
 def _parse_file(role: str, spec: Any, label: str) -> FileSpec:

@@ -2,13 +2,14 @@
 
 A run directory holds `model.safetensors` (a format-2 checkpoint: architecture and preprocessing in
 its metadata, `mmfm.models.io`), `metrics.json` and `config.yaml` (its `train.tasks`). `publish`
-copies the weights to `<zoo_dir>/<name>.safetensors`, hashes them and adds (or, with
-`overwrite=True`, replaces) the entry in `<zoo_dir>/models.yaml`.
+writes the weights to `<zoo_dir>/weights/<name>.safetensors` (a byte copy, or with `half=True` a
+float16 copy with the same metadata), refuses files over `max_size_mb` (they are committed to the
+repository), hashes them and adds (or, with `overwrite=True`, replaces) the entry in
+`<zoo_dir>/models.yaml`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -16,16 +17,19 @@ from typing import Any
 
 import yaml
 from filelock import FileLock
+from safetensors import safe_open
 
 from mmfm.errors import ZooError
 from mmfm.fileio import atomic_path
-from mmfm.models.io import count_parameters, read_info
+from mmfm.models.io import count_parameters, load_state_dict, read_info
+from mmfm.zoo.download import sha256_file
 from mmfm.zoo.manifest import (
     NAME_PATTERN,
     FileSpec,
     ZooEntry,
     check_preprocessing,
     check_tasks,
+    check_training,
     load_manifest,
     manifest_path,
     save_manifest,
@@ -35,6 +39,11 @@ WEIGHTS_FILE = "model.safetensors"
 METRICS_FILE = "metrics.json"
 CONFIG_FILE = "config.yaml"
 MANIFEST_FILE = "models.yaml"
+WEIGHTS_DIR = "weights"  # inside the zoo folder, next to models.yaml
+MAX_SIZE_MB = 25.0  # a committed file; GitHub warns from 50 MB and refuses 100 MB
+MB = 10**6
+SAFETENSORS_DTYPES = {"F16": "float16", "F32": "float32"}  # the float dtypes a zoo entry may declare
+INTEGER_DTYPES = {"BOOL", "U8", "I8", "U16", "I16", "U32", "I32", "U64", "I64"}  # kept as they are by --half
 
 
 def publish(
@@ -47,14 +56,22 @@ def publish(
     tasks: list[str] | tuple[str, ...] | None = None,
     tags: list[str] | tuple[str, ...] = (),
     base_url: str | None = None,
+    hf_repo: str | None = None,
+    half: bool = False,
+    max_size_mb: float = MAX_SIZE_MB,
+    train_command: str | None = None,
+    budget: str | None = None,
+    hardware: str | None = None,
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Publish RUN_DIR as zoo entry `name`; returns the manifest entry (a dict) that was written.
 
     `zoo_dir` defaults to the folder of the manifest in use. `tasks` (the tasks it was trained on)
     default to the task streams of the run config's `train.tasks`. The architecture and preprocessing
-    come from the checkpoint's metadata. With `base_url`, `<base_url>/<name>.safetensors` is listed
-    as the first source, before the local `file:` copy.
+    come from the checkpoint's metadata. The sources are `<base_url>/<name>.safetensors` (when given),
+    then the local `file:weights/<name>.safetensors`, then `hf-hub:<hf_repo>/<name>.safetensors` (when
+    given). `half` stores floating-point tensors as float16. `train_command` defaults to
+    `python tools/train.py --config RUN_DIR/config.yaml` when the run has a config.yaml.
     """
     run_dir = Path(run_dir)
     zoo_dir = Path(zoo_dir) if zoo_dir is not None else manifest_path().parent
@@ -69,23 +86,29 @@ def publish(
     label = f"cannot publish {run_dir}"
     tasks = check_tasks(tasks or _run_tasks(run_dir / CONFIG_FILE), label)
     preprocessing = check_preprocessing(info.preprocess, f"{label}: {weights.name}")
-    zoo_dir.mkdir(parents=True, exist_ok=True)
+    sources = _sources(name, base_url, hf_repo)
+    training = check_training(_training(run_dir, train_command, budget, hardware), label)
+    dtype = "float16" if half else _float_dtype(weights)
     manifest = zoo_dir / MANIFEST_FILE
+    target = zoo_dir / WEIGHTS_DIR / f"{name}.safetensors"
+    target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(manifest) + ".lock"):
         entries = load_manifest(manifest) if manifest.exists() else []
-        _check_overwrite(name, entries, zoo_dir, overwrite)
-        sha256, size = _copy_atomic(weights, zoo_dir / f"{name}.safetensors")
+        _check_overwrite(name, entries, zoo_dir, target, overwrite)
+        sha256, size = _write_weights(weights, target, half, max_size_mb)
         entry = ZooEntry(
             name=name,
             description=description or f"{name}, published from {run_dir.name}",
             tasks=tasks,
             architecture=info.arch,
-            files={"weights": FileSpec("weights", _sources(name, base_url), sha256, size)},
+            files={"weights": FileSpec("weights", sources, sha256, size)},
             license=license,
             metrics=metrics,
             preprocessing=preprocessing,
             tags=tuple(tags),
-            params=count_parameters(weights),
+            params=count_parameters(target),
+            dtype=dtype,
+            training=training,
             manifest_dir=zoo_dir.resolve(),
         )
         save_manifest([e for e in entries if e.name != name] + [entry], manifest)
@@ -99,8 +122,10 @@ def _check_name(name: str) -> None:
         )
 
 
-def _check_overwrite(name: str, entries: list[ZooEntry], zoo_dir: Path, overwrite: bool) -> None:
-    exists = any(e.name == name for e in entries) or (zoo_dir / f"{name}.safetensors").exists()
+def _check_overwrite(
+    name: str, entries: list[ZooEntry], zoo_dir: Path, target: Path, overwrite: bool
+) -> None:
+    exists = any(e.name == name for e in entries) or target.exists()
     if exists and not overwrite:
         raise ZooError(
             f"zoo entry {name!r} already exists in {zoo_dir}; pick another name or pass --overwrite"
@@ -154,18 +179,63 @@ def _read_run_config(path: Path) -> dict[str, Any]:
     return config if isinstance(config, dict) else {}
 
 
-def _sources(name: str, base_url: str | None) -> tuple[str, ...]:
-    local = f"file:{name}.safetensors"
-    return (f"{base_url.rstrip('/')}/{name}.safetensors", local) if base_url else (local,)
+def _training(run_dir: Path, command: str | None, budget: str | None, hardware: str | None) -> dict[str, str]:
+    """The entry's `training` block: the given values, the command defaulting to the run's config.yaml."""
+    config = run_dir / CONFIG_FILE
+    if command is None and config.is_file():
+        command = f"python tools/train.py --config {config.as_posix()}"
+    given = {"command": command, "budget": budget, "hardware": hardware}
+    return {key: value for key, value in given.items() if value is not None}
 
 
-def _copy_atomic(src: Path, dst: Path) -> tuple[str, int]:
-    """Copy src to dst atomically; returns (sha256, size) of the bytes copied."""
-    digest = hashlib.sha256()
+def _sources(name: str, base_url: str | None, hf_repo: str | None) -> tuple[str, ...]:
+    filename = f"{name}.safetensors"
+    sources = [f"{base_url.rstrip('/')}/{filename}"] if base_url else []
+    sources.append(f"file:{WEIGHTS_DIR}/{filename}")
+    if hf_repo is not None:
+        if hf_repo.count("/") != 1 or not all(hf_repo.split("/")):
+            raise ZooError(f"--hf-repo {hf_repo!r} must look like ORG/REPO (a Hugging Face Hub repository)")
+        sources.append(f"hf-hub:{hf_repo}/{filename}")
+    return tuple(sources)
+
+
+def _write_weights(src: Path, dst: Path, half: bool, max_size_mb: float) -> tuple[str, int]:
+    """Write src (as float16 when `half`) to dst atomically; returns (sha256, size) of what was written.
+
+    A file over `max_size_mb` is refused before it replaces dst (an earlier file there stays)."""
     with atomic_path(dst) as tmp:
-        with open(src, "rb") as fin, open(tmp, "wb") as fout:
-            for chunk in iter(lambda: fin.read(1 << 20), b""):
-                digest.update(chunk)
-                fout.write(chunk)
-        shutil.copystat(src, tmp)
-    return digest.hexdigest(), dst.stat().st_size
+        if half:
+            _save_half(src, tmp)
+        else:
+            shutil.copyfile(src, tmp)
+        size = tmp.stat().st_size
+        if size > max_size_mb * MB:
+            raise ZooError(
+                f"cannot publish {src}: {dst} would be {size / MB:.1f} MB ({size} bytes), over the "
+                f"{max_size_mb:g} MB limit (--max-size-mb) for a file committed to the repository; "
+                "store it as float16 with --half, or raise --max-size-mb"
+            )
+        sha256 = sha256_file(tmp)
+    return sha256, size
+
+
+def _save_half(src: Path, dst: Path) -> None:
+    """src's tensors with floating-point ones cast to float16 (integers, bools unchanged), same metadata."""
+    from safetensors.torch import save_file
+
+    state_dict, metadata = load_state_dict(src)
+    half = {k: v.half() if v.is_floating_point() else v for k, v in state_dict.items()}
+    save_file(half, str(dst), metadata=metadata)
+
+
+def _float_dtype(path: Path) -> str:
+    """`float16` or `float32`: the one dtype of the file's floating-point tensors (read from its header)."""
+    with safe_open(str(path), framework="pt") as handle:
+        keys = handle.keys()  # a safe_open handle is not iterable
+        floats = {handle.get_slice(key).get_dtype() for key in keys} - INTEGER_DTYPES
+    if len(floats) != 1 or not floats <= SAFETENSORS_DTYPES.keys():
+        raise ZooError(
+            f"cannot publish {path}: its floating-point tensors are {sorted(floats) or 'none'}; a zoo entry "
+            "holds all-float32 or all-float16 weights (--half casts them all to float16)"
+        )
+    return SAFETENSORS_DTYPES[floats.pop()]
