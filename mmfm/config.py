@@ -33,6 +33,7 @@ class ModelConfig:
     mlp_ratio: float = 4.0
     fusion_layer: int = 4            # layers [0, fusion_layer) unimodal, the rest fuse [text ; vision]
     fusion_mode: str = "joint"       # joint: all of [text ; vision] updated; cross: text tokens only
+    vision_depth: int = 0            # cross mode: vision's unimodal layers, up to depth (0: fusion_layer)
     img_size: int = 64
     patch_size: int = 8
     context_length: int = 40
@@ -45,6 +46,8 @@ class ModelConfig:
     vision_tokenizer_kwargs: dict = field(default_factory=dict)
     itm_pair_features: bool = False  # ITM also reads the product of the pair's ITC features (models/model.py)
     answer_pair_features: bool = False  # answer heads also read question [CLS] * image [CLS] (MLB pooling)
+    word_head: bool = False          # the vision [CLS] classifies its caption's words (objective.loss_weights.words)
+    word_bigram_buckets: int = 4096  # ... and its hashed word pairs (0: words only)
 
     @property
     def fuses(self) -> bool:
@@ -283,9 +286,24 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"objective.queue_size={cfg.objective.queue_size} needs objective.momentum > 0: the "
                           "queue holds the momentum encoder's features, and with objective.momentum=0 ITC "
                           "collapses; set objective.queue_size=0 or objective.momentum=0.995")
+    _validate_loss_weights(cfg)
     _require_choice("objective.itc_positives", cfg.objective.itc_positives, ("image_id", "diagonal"))
     _require_choice("eval.rerank_score", cfg.eval.rerank_score, ("itm+itc", "itm"))
     _require_choice("data.on_error", cfg.data.on_error, ("skip", "raise"))
+
+
+LOSS_TERMS = ("itc", "itm", "mlm", "qa", "words")
+
+
+def _validate_loss_weights(cfg: Config) -> None:
+    for term, weight in cfg.objective.loss_weights.items():
+        if term not in LOSS_TERMS:
+            raise ConfigError(f"objective.loss_weights.{term}: not a loss term; use {', '.join(LOSS_TERMS)}"
+                              f"{_closest(term, LOSS_TERMS)}")
+        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight < 0:
+            raise ConfigError(f"objective.loss_weights.{term}={weight!r}: give a number >= 0")
+    if cfg.objective.loss_weights.get("words", 0) > 0 and not getattr(cfg.model, "word_head", False):
+        raise ConfigError("objective.loss_weights.words > 0 needs model.word_head=true (the head it trains)")
 
 
 def _require_choice(key: str, value: str, choices: tuple[str, ...]) -> None:

@@ -35,6 +35,13 @@ def test_wrong_types_and_values_are_rejected(tmp_path):
         load_config(tmp_path / "missing.yaml")
     with pytest.raises(ConfigError, match="unknown config key 'task'"):
         load_config(None, ["task=pretrain"])
+    with pytest.raises(ConfigError, match=r"loss_weights.itcc: not a loss term.*'itc'"):
+        load_config(None, ["objective.loss_weights={itcc: 1.0}"])
+    with pytest.raises(ConfigError, match=r"loss_weights.itm=-1"):
+        load_config(None, ["objective.loss_weights={itm: -1}"])
+    with pytest.raises(ConfigError, match="needs model.word_head=true"):
+        load_config(None, ["objective.loss_weights={words: 0.5}"])
+    assert load_config(None, ["objective.loss_weights={words: 0.5}", "model.word_head=true"]).model.word_head
 
 
 def _negatives(cfg_overrides):

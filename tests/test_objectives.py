@@ -315,3 +315,40 @@ def test_momentum_update_is_an_ema_of_the_online_parameters():
         for name, p in teacher.model.body.named_parameters():
             assert torch.allclose(p, expected[name], atol=1e-6), name
     assert teacher.model.body.weight.data_ptr() != online.body.weight.data_ptr()
+
+
+def test_word_targets_are_each_captions_distinct_words_without_specials():
+    from mmfm.objectives.words import bigram_targets, word_targets
+
+    tok = TextTokenizer(16)
+    ids, mask = tok(["a red circle and a red star", "two"])
+    targets = word_targets(ids, mask, tok.special_ids, tok.vocab_size)
+    words = {int(i) for i in ids[0] if int(i) not in tok.special_ids}
+    assert set(targets[0].nonzero().squeeze(1).tolist()) == words
+    assert torch.allclose(targets.sum(1), torch.ones(2))
+    assert targets[:, list(tok.special_ids)].sum() == 0
+    pairs = bigram_targets(ids, mask, tok.special_ids, 97)
+    assert torch.allclose(pairs[0].sum(), torch.tensor(1.0)) and pairs[1].sum() == 0  # one word: no pair
+    swapped = bigram_targets(*tok(["a red star and a red circle"]), tok.special_ids, 97)
+    assert not torch.equal(pairs[0], swapped[0])  # same words, other pairs
+
+
+def test_word_loss_trains_the_vision_side_and_ignores_captions_without_words():
+    from mmfm.config import ModelConfig
+    from mmfm.models.model import MMFM
+    from mmfm.objectives.words import soft_cross_entropy, word_targets
+
+    torch.manual_seed(0)
+    model = MMFM(ModelConfig(width=64, depth=2, heads=2, fusion_layer=1, fusion_mode="cross", img_size=32,
+                             patch_size=8, word_head=True, word_bigram_buckets=64))
+    ids, mask = model.tokenizer(["a red circle", ""])
+    vision = model.encode_vision(torch.randn(2, 3, 32, 32))
+    words, bigrams = model.word_logits(vision.tokens)
+    assert words.shape == (2, model.tokenizer.vocab_size) and bigrams.shape == (2, 64)
+    targets = word_targets(ids, mask, model.tokenizer.special_ids, words.shape[1])
+    loss = soft_cross_entropy(words, targets)
+    expected = -(F.log_softmax(words[:1], 1) * targets[:1]).sum()
+    assert torch.allclose(loss, expected)
+    loss.backward()
+    assert model.trunk.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    assert soft_cross_entropy(words, torch.zeros_like(words)) == 0

@@ -369,3 +369,31 @@ def test_text_token_sees_the_previous_word_only_with_text_bigram(bigram):
     moved = (before - after).abs().amax(-1)[0]
     assert moved[2] > 0 and moved[:2].max() == 0 and moved[4] == 0, "only the word and its successor may move"
     assert (moved[3] > 0) == bigram
+
+
+def test_vision_depth_runs_vision_through_the_fusion_layers_with_the_same_weights():
+    from mmfm.config import ModelConfig
+    from mmfm.models.model import MMFM
+
+    torch.manual_seed(0)
+    model = MMFM(ModelConfig(width=32, depth=3, heads=2, fusion_layer=1, fusion_mode="cross", vision_depth=3,
+                             img_size=16, patch_size=8)).eval()
+    pixels = torch.randn(2, 3, 16, 16)
+    trunk = model.trunk
+    expected = trunk.run_layers(trunk.embed_image(pixels), 0, 3).x
+    assert torch.allclose(model.encode_vision(pixels).tokens.x, expected)
+    assert torch.allclose(trunk.forward_image(pixels), trunk.norm(expected))
+    ids, mask = model.tokenizer(["a red circle", "two shapes"])
+    assert model.encode_text(ids, mask).tokens.x.shape[1] == ids.shape[1]
+    fused = model.fuse(model.encode_text(ids, mask).tokens, model.encode_vision(pixels).tokens)
+    assert fused.x.shape == (2, ids.shape[1], 32)
+    scaled = {id(p) for p in model.fusion_parameters()}
+    assert not any(id(p) in scaled for p in model.trunk.blocks.parameters())  # the image encoder's layers too
+    assert all(id(p) in scaled for p in model.itm_head.parameters())
+
+
+@pytest.mark.parametrize("mode, vision_depth", [("joint", 3), ("cross", 4)])
+def test_vision_depth_past_the_fusion_point_needs_cross_mode_within_depth(mode, vision_depth):
+    with pytest.raises(ModelError, match="model.vision_depth"):
+        UnifiedTrunk(width=32, depth=3, num_heads=2, fusion_layer=1, fusion_mode=mode, vision_depth=vision_depth,
+                     img_size=16, patch_size=8)

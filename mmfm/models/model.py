@@ -54,6 +54,9 @@ class MMFM(nn.Module):
         self.itm_head = nn.Linear(width, 2)
         self.itm_pair_head = self._zero_linear(cfg.embed_dim, 2) if cfg.itm_pair_features else None
         self.mlm_head = MLMHead(width, self.trunk.token_embed)
+        self.word_head = MLMHead(width, self.trunk.token_embed) if cfg.word_head else None
+        self.bigram_head = (nn.Linear(width, cfg.word_bigram_buckets)
+                            if cfg.word_head and cfg.word_bigram_buckets else None)
         self.answer_heads = nn.ModuleDict({name: AnswerHead(width, len(names))
                                            for name, names in self.answers.items()})
         self.answer_pair_heads = nn.ModuleDict({name: self._zero_linear(width, len(names))
@@ -68,7 +71,7 @@ class MMFM(nn.Module):
         return layer
 
     def _build_trunk(self, cfg: ModelConfig, attention_backend: str) -> UnifiedTrunk:
-        extra = {"fusion_layer": cfg.fusion_layer, "vocab_size": self.tokenizer.vocab_size,
+        extra = {"fusion_layer": cfg.fusion_layer, "vision_depth": cfg.vision_depth, "vocab_size": self.tokenizer.vocab_size,
                  "context_length": cfg.context_length, "max_frames": cfg.max_frames, "rolling": cfg.rolling,
                  "text_bigram": cfg.text_bigram, "fusion_mode": cfg.fusion_mode,
                  "vision_tokenizer": cfg.vision_tokenizer, "vision_tokenizer_kwargs": cfg.vision_tokenizer_kwargs,
@@ -86,9 +89,13 @@ class MMFM(nn.Module):
         return self.trunk.fuses
 
     def fusion_parameters(self) -> list[nn.Parameter]:
-        """The fusion layers and the heads that read them (``train.fusion_lr_scale`` applies to these)."""
-        modules = [*self.trunk.blocks[self.cfg.fusion_layer:], self.itm_head, self.itm_pair_head,
-                   self.answer_heads, self.answer_pair_heads]
+        """The fusion layers and the heads that read them (``train.fusion_lr_scale`` applies to these).
+
+        Layers that vision also runs through (``vision_depth`` past the fusion point) are not among them:
+        they are the image encoder's too.
+        """
+        fusion_only = self.trunk.blocks[max(self.cfg.fusion_layer, self.trunk.vision_depth):]
+        modules = [*fusion_only, self.itm_head, self.itm_pair_head, self.answer_heads, self.answer_pair_heads]
         return [p for module in modules if module is not None for p in module.parameters()]
 
     # ---- unimodal ---------------------------------------------------------------------------------
@@ -107,8 +114,13 @@ class MMFM(nn.Module):
         return self.trunk.embed_image(pixels)
 
     def encode_vision(self, pixels: torch.Tensor) -> Encoded:
-        tokens = self.trunk.unimodal(self.embed_vision(pixels))
+        tokens = self.trunk.unimodal_vision(self.embed_vision(pixels))
         return Encoded(tokens, self._feature(tokens, self.vision_proj))
+
+    def word_logits(self, vision: TokenBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Caption-word logits (B, vocab) and hashed word-pair logits (B, buckets) from the unimodal vision [CLS]."""
+        cls = self.trunk.norm(vision.cls())
+        return self.word_head(cls), None if self.bigram_head is None else self.bigram_head(cls)
 
     # ---- fusion -----------------------------------------------------------------------------------
 

@@ -193,6 +193,7 @@ class UnifiedTrunk(nn.Module):
         num_heads: int = 6,
         mlp_ratio: float = 4.0,
         fusion_layer: int | None = None,
+        vision_depth: int | None = None,
         img_size: int = 224,
         patch_size: int = 16,
         in_chans: int = 3,
@@ -215,7 +216,12 @@ class UnifiedTrunk(nn.Module):
             raise ModelError(f"model.fusion_layer={fusion_layer} must be in [1, depth={depth}]")
         if fusion_mode not in FUSION_MODES:
             raise ModelError(f"model.fusion_mode={fusion_mode!r}: use one of {', '.join(FUSION_MODES)}")
+        vision_depth = vision_depth or fusion_layer
+        if vision_depth != fusion_layer and not (fusion_mode == "cross" and fusion_layer < vision_depth <= depth):
+            raise ModelError(f"model.vision_depth={vision_depth}: vision can run past the fusion point only with "
+                             f"model.fusion_mode=cross, up to depth={depth} (fusion_layer={fusion_layer})")
         self.width, self.depth, self.fusion_layer, self.fusion_mode = width, depth, fusion_layer, fusion_mode
+        self.vision_depth = vision_depth
         self.in_chans, self.rolling, self.max_frames = in_chans, rolling, max_frames
         self.grad_checkpointing = False
 
@@ -399,8 +405,17 @@ class UnifiedTrunk(nn.Module):
         return replace(tokens, x=x)
 
     def unimodal(self, tokens: TokenBatch) -> TokenBatch:
-        """Layers [0, fusion_layer): one modality alone. The output is the residual stream."""
+        """Text: layers [0, fusion_layer) alone. The output is the residual stream."""
         return self.run_layers(tokens, 0, self.fusion_layer)
+
+    def unimodal_vision(self, tokens: TokenBatch) -> TokenBatch:
+        """Images / videos: layers [0, vision_depth) alone.
+
+        With ``vision_depth > fusion_layer`` (``cross`` mode) vision runs on through the layers that fuse
+        text, as ALBEF's image encoder is deeper than its text encoder: the same weights, no new parameters,
+        and the fusion layers' text queries attend to these final vision tokens.
+        """
+        return self.run_layers(tokens, 0, self.vision_depth)
 
     def fusion_context(self, vision: TokenBatch) -> "FusionContext":
         """What the fusion layers need of the vision side, computed once and reusable for many texts.

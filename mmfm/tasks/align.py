@@ -29,6 +29,7 @@ from mmfm.objectives.distributed import gather_no_grad, gather_with_grad
 from mmfm.objectives.itc import FeatureQueue, diagonal_targets, itc_loss, positive_targets
 from mmfm.objectives.itm import itm_loss
 from mmfm.objectives.mlm import mask_tokens, mlm_loss
+from mmfm.objectives.words import bigram_targets, soft_cross_entropy, word_targets
 from mmfm.tasks.answer import answer_losses
 from mmfm.tasks.base import (
     Task,
@@ -174,7 +175,7 @@ class AlignLoss(TaskLoss):
     def __init__(self, stream: str, question_head: str, settings, embed_dim: int):
         super().__init__()
         self.stream, self.question_head = stream, question_head
-        self.weights = {"itc": 1.0, "itm": 1.0, "mlm": 1.0, "qa": 1.0, **settings.loss_weights}
+        self.weights = {"itc": 1.0, "itm": 1.0, "mlm": 1.0, "qa": 1.0, "words": 0.0, **settings.loss_weights}
         self.mlm_prob, self.itc_positives = settings.mlm_prob, settings.itc_positives
         self.queue = FeatureQueue(settings.queue_size, embed_dim)
 
@@ -191,6 +192,9 @@ class AlignLoss(TaskLoss):
         momentum = self._momentum_features(run, pixels, ids, mask)
         losses = {"itc": self._itc(model, vision.feat, text.feat, momentum, pair_ids, alpha, negatives)}
         weights = {"itc": self.weights["itc"]}
+        if self.weights["words"] > 0 and model.word_head is not None:
+            losses["words"] = self._words(model, vision.tokens, ids, mask)
+            weights["words"] = self.weights["words"]
         if model.fuses:
             context = model.fusion_context(vision.tokens)
             sim_t2v = (text.feat @ vision.feat.t() / model.temp).detach()
@@ -255,6 +259,16 @@ class AlignLoss(TaskLoss):
         loss = itc_loss(vision_all, text_all, vision_keys, text_keys, model.temp, targets,
                         vision_m, text_m, alpha, text_negatives)
         self.queue.enqueue(vision_keys[: len(ids_all)].detach(), text_keys[: len(ids_all)].detach(), ids_all)
+        return loss
+
+    @staticmethod
+    def _words(model, vision: TokenBatch, ids, mask) -> torch.Tensor:
+        """Caption-word classification from the image alone (``mmfm.objectives.words``)."""
+        specials = model.tokenizer.special_ids
+        words, bigrams = model.word_logits(vision)
+        loss = soft_cross_entropy(words, word_targets(ids, mask, specials, words.shape[1]))
+        if bigrams is not None:
+            loss = loss + soft_cross_entropy(bigrams, bigram_targets(ids, mask, specials, bigrams.shape[1]))
         return loss
 
     def _mlm(self, run, ids, mask, context, momentum, alpha):
