@@ -7,7 +7,7 @@ Sections (each one recorded as {"ok": bool, ...} so that one failure never hides
 is rewritten after every section so a timeout still leaves what was done):
   env          torch / CUDA / GPU / xformers versions
   equality     xformers vs SDPA vs math: padded, key-padding masked, causal, packed (max abs diff)
-  train_step   a bf16 training step of the demo-size MMFM through MultiTaskObjective on every stream
+  train_step   a bf16 training step of the demo-size MMFM through TaskObjective on every stream
                (finite loss, finite non-zero grads), once per available backend
   video_memory torch.cuda.max_memory_allocated of ViT-S trunk inference on 224 px clips of 8/16/32/64
                frames for each backend (minus the allocation before the forward)
