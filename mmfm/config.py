@@ -33,7 +33,7 @@ class ModelConfig:
     mlp_ratio: float = 4.0
     fusion_layer: int = 4            # layers [0, fusion_layer) unimodal, the rest fuse [text ; vision]
     fusion_mode: str = "joint"       # joint: all of [text ; vision] updated; cross: text tokens only
-    vision_depth: int = 0            # cross mode: vision's unimodal layers, up to depth (0: fusion_layer)
+    vision_depth: int = 0            # cross mode: vision's unimodal layers (0: fusion_layer, -1: all depth layers)
     img_size: int = 64
     patch_size: int = 8
     context_length: int = 40

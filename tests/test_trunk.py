@@ -376,10 +376,11 @@ def test_vision_depth_runs_vision_through_the_fusion_layers_with_the_same_weight
     from mmfm.models.model import MMFM
 
     torch.manual_seed(0)
-    model = MMFM(ModelConfig(width=32, depth=3, heads=2, fusion_layer=1, fusion_mode="cross", vision_depth=3,
+    model = MMFM(ModelConfig(width=32, depth=3, heads=2, fusion_layer=1, fusion_mode="cross", vision_depth=-1,
                              img_size=16, patch_size=8)).eval()
     pixels = torch.randn(2, 3, 16, 16)
     trunk = model.trunk
+    assert trunk.vision_depth == 3
     expected = trunk.run_layers(trunk.embed_image(pixels), 0, 3).x
     assert torch.allclose(model.encode_vision(pixels).tokens.x, expected)
     assert torch.allclose(trunk.forward_image(pixels), trunk.norm(expected))
@@ -392,7 +393,7 @@ def test_vision_depth_runs_vision_through_the_fusion_layers_with_the_same_weight
     assert all(id(p) in scaled for p in model.itm_head.parameters())
 
 
-@pytest.mark.parametrize("mode, vision_depth", [("joint", 3), ("cross", 4)])
+@pytest.mark.parametrize("mode, vision_depth", [("joint", 3), ("joint", -1), ("cross", 4)])
 def test_vision_depth_past_the_fusion_point_needs_cross_mode_within_depth(mode, vision_depth):
     with pytest.raises(ModelError, match="model.vision_depth"):
         UnifiedTrunk(width=32, depth=3, num_heads=2, fusion_layer=1, fusion_mode=mode, vision_depth=vision_depth,

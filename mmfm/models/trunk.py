@@ -216,10 +216,11 @@ class UnifiedTrunk(nn.Module):
             raise ModelError(f"model.fusion_layer={fusion_layer} must be in [1, depth={depth}]")
         if fusion_mode not in FUSION_MODES:
             raise ModelError(f"model.fusion_mode={fusion_mode!r}: use one of {', '.join(FUSION_MODES)}")
-        vision_depth = vision_depth or fusion_layer
+        vision_depth = depth if vision_depth == -1 else vision_depth or fusion_layer
         if vision_depth != fusion_layer and not (fusion_mode == "cross" and fusion_layer < vision_depth <= depth):
             raise ModelError(f"model.vision_depth={vision_depth}: vision can run past the fusion point only with "
-                             f"model.fusion_mode=cross, up to depth={depth} (fusion_layer={fusion_layer})")
+                             f"model.fusion_mode=cross, up to depth={depth} (fusion_layer={fusion_layer}); "
+                             "use -1 for all layers or 0 to stop at the fusion point")
         self.width, self.depth, self.fusion_layer, self.fusion_mode = width, depth, fusion_layer, fusion_mode
         self.vision_depth = vision_depth
         self.in_chans, self.rolling, self.max_frames = in_chans, rolling, max_frames
