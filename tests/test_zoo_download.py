@@ -86,6 +86,15 @@ def test_offline_mode_names_the_missing_file_and_makes_no_request(server, tmp_pa
     assert server.requests == []
 
 
+def test_offline_mode_copies_a_committed_file_source_and_skips_the_network(server, tmp_path, monkeypatch):
+    use_sources(tmp_path, monkeypatch, server.add("/w/tiny.safetensors", DATA), "file:weights/tiny.safetensors")
+    (tmp_path / "zoo" / "weights").mkdir()
+    (tmp_path / "zoo" / "weights" / "tiny.safetensors").write_bytes(DATA)
+    monkeypatch.setenv("MMFM_OFFLINE", "1")
+    path = zoo.resolve("tiny", quiet=True)
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == SHA and server.requests == []
+
+
 def test_offline_mode_uses_a_cached_file(server, tmp_path, monkeypatch):
     use_sources(tmp_path, monkeypatch, server.add("/w/tiny.safetensors", DATA))
     path = zoo.resolve("tiny", quiet=True)

@@ -56,6 +56,10 @@ COLUMNS = (
 )
 
 
+# The table's metrics, in this order, when an entry has them; the manifest keeps every key of metrics.json.
+HEADLINE_METRICS = ("img_r1", "txt_r1", "binding_acc", "vqa_acc", "videoqa_acc", "vid_r1", "novel_img_r1", "miou")
+
+
 def render(entries: list[ZooEntry]) -> str:
     """The README text for these manifest entries."""
     if not entries:
@@ -76,7 +80,7 @@ def _row(entry: ZooEntry) -> str:
         ", ".join(entry.tasks),
         entry.architecture.get("arch") or "-",
         _params(entry.params),
-        ", ".join(f"{key} {_number(value)}" for key, value in entry.metrics.items()) or "-",
+        _headline(entry.metrics),
         _size(entry.weights.size),
         entry.dtype or "-",
         entry.training.get("budget", "-"),
@@ -98,6 +102,11 @@ def _training_sections(entries: list[ZooEntry]) -> list[str]:
             if value is not None:
                 lines.append(f"- {key}: `{value}`" if key == "command" else f"- {key}: {value}")
     return lines
+
+
+def _headline(metrics: dict) -> str:
+    shown = [key for key in HEADLINE_METRICS if key in metrics] or list(metrics)
+    return ", ".join(f"{key} {_number(metrics[key])}" for key in shown) or "-"
 
 
 def _params(params: int | None) -> str:

@@ -103,19 +103,25 @@ def cache_path(entry: ZooEntry, role: str = "weights") -> Path:
 def fetch(
     entry: ZooEntry, role: str = "weights", *, quiet: bool = False, timeout: float | None = None
 ) -> Path:
-    """Return the verified local copy of an entry's file, downloading it if it is missing or corrupt."""
+    """Return the verified local copy of an entry's file, downloading it if it is missing or corrupt.
+
+    In offline mode only local ``file:`` sources (a checkpoint committed with the zoo) are tried.
+    """
     spec = entry.files[role]
     target = cache_path(entry, role)
     if is_cached_file_valid(target, spec):
         return target
+    sources = spec.sources
     if is_offline():
-        raise OfflineMissing(_offline_message(entry, spec, target))
+        sources = tuple(source for source in sources if source.startswith("file:"))
+        if not sources:
+            raise OfflineMissing(_offline_message(entry, spec, target))
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):
         if is_cached_file_valid(target, spec):  # another thread/process fetched it while we waited
             return target
         target.unlink(missing_ok=True)  # missing, or present but corrupt
-        _fetch_from_sources(entry, spec, target, quiet, default_timeout() if timeout is None else timeout)
+        _fetch_from_sources(entry, spec, sources, target, quiet, default_timeout() if timeout is None else timeout)
     return target
 
 
@@ -146,10 +152,11 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fetch_from_sources(entry: ZooEntry, spec: FileSpec, target: Path, quiet: bool, timeout: float) -> None:
+def _fetch_from_sources(entry: ZooEntry, spec: FileSpec, sources: tuple[str, ...], target: Path, quiet: bool,
+                        timeout: float) -> None:
     part = target.with_name(target.name + ".part")
     causes: list[DownloadError] = []
-    for source in spec.sources:
+    for source in sources:
         try:
             _fetch_source(source, entry, spec, part, quiet, timeout)
             _check_part(part, spec, source)
