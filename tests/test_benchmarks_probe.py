@@ -1,24 +1,14 @@
 """tools/bench.py vision_probe: object -> patch-token assignment, pooled features, probes and the JSON."""
 
 import argparse
-import importlib.util
 import json
-from pathlib import Path
 
 import torch
-
-BENCH = Path(__file__).resolve().parent.parent / "tools" / "benchmarks"
-
-
-def _bench_module(name: str):
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from bench_modules import load_bench
 
 
 def test_an_object_lands_in_the_patch_cell_of_its_centre():
-    probe = _bench_module("vision_probe")
+    probe = load_bench("vision_probe")
     obj = {"center": [20.0, 36.0], "bbox": [14.0, 30.0, 26.0, 42.0]}
     # x = 20 -> col 20 // 8 = 2, y = 36 -> row 36 // 8 = 4; [CLS] is token 0, patches row-major after it
     assert probe.object_tokens(obj, 64, 64, (8, 8)) == [1 + 4 * 8 + 2]
@@ -35,7 +25,7 @@ def test_vision_probe_runs_on_a_tiny_corpus_and_an_untrained_model(tiny_shapes, 
     import mmfm
     from mmfm.models.io import save_model
 
-    probe = _bench_module("vision_probe")
+    probe = load_bench("vision_probe")
     torch.manual_seed(0)
     model = mmfm.create_model("mmfm-demo").eval()
     save_model(model, tmp_path / "model.safetensors")

@@ -1,19 +1,11 @@
 """tools/bench.py retrieval_ceiling, retrieval_errors, budget_curve: oracle, error taxonomy, budget plot."""
 
-import importlib.util
 import random
 from pathlib import Path
 
+from bench_modules import load_bench
+
 from mmfm.data import shapes
-
-BENCH = Path(__file__).resolve().parent.parent / "tools" / "benchmarks"
-
-
-def _bench_module(name: str):
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _obj(color, shape, size, row, col):
@@ -21,7 +13,7 @@ def _obj(color, shape, size, row, col):
 
 
 def test_enumeration_covers_every_sampled_caption():
-    ceiling = _bench_module("retrieval_ceiling")
+    ceiling = load_bench("retrieval_ceiling")
     objects = [_obj("red", "circle", "small", 0, 0), _obj("blue", "square", "large", 1, 2),
                _obj("gray", "star", "small", 2, 1)]
     possible = ceiling.possible_captions(objects)
@@ -32,7 +24,7 @@ def test_enumeration_covers_every_sampled_caption():
 
 
 def test_a_caption_true_of_two_images_halves_the_oracle():
-    ceiling = _bench_module("retrieval_ceiling")
+    ceiling = load_bench("retrieval_ceiling")
     scenes = [{"image": "a.png", "objects": [_obj("red", "circle", "large", 0, 0)]},
               {"image": "b.png", "objects": [_obj("red", "circle", "small", 2, 2)]}]
     test = [{"image": "a.png", "caption": ["a single object, a red circle"]},
@@ -44,7 +36,7 @@ def test_a_caption_true_of_two_images_halves_the_oracle():
 
 
 def test_error_kinds_name_what_differs_between_the_true_and_the_retrieved_scene():
-    kind = _bench_module("retrieval_errors")._error_kind
+    kind = load_bench("retrieval_errors")._error_kind
     red_circle, blue_square = _obj("red", "circle", "small", 0, 0), _obj("blue", "square", "large", 1, 1)
     true = {"objects": [red_circle, blue_square]}
     assert kind(true, {"objects": [red_circle]}) == "object count"
@@ -59,7 +51,7 @@ def test_retrieval_grid_frames_the_true_image_green_and_the_others_red(tmp_path)
     import torch
     from PIL import Image
 
-    errors = _bench_module("retrieval_errors")
+    errors = load_bench("retrieval_errors")
     entries = []
     for i, color in enumerate([(255, 0, 0), (0, 0, 255), (255, 255, 0)]):
         Image.new("RGB", (64, 64), color).save(tmp_path / f"{i}.png")
@@ -82,7 +74,7 @@ def test_retrieval_grid_frames_the_true_image_green_and_the_others_red(tmp_path)
 def test_rerank_r1_orders_the_candidates_by_each_score():
     import torch
 
-    rerank_r1 = _bench_module("retrieval_errors").rerank_r1
+    rerank_r1 = load_bench("retrieval_errors").rerank_r1
     candidates = torch.tensor([[4, 7], [2, 5], [9, 1]])  # each caption's top-2 images by ITC
     itc = torch.tensor([[0.9, 0.8], [0.7, 0.6], [0.5, 0.4]])
     itm = torch.tensor([[-1.0, 2.0], [-2.0, 1.0], [0.0, 0.0]])
@@ -109,7 +101,7 @@ def _fake_run(root: Path, name: str, fusion_layer: int, seconds: float, img_r1: 
 def test_budget_curve_groups_runs_by_model_kind_in_minute_order(tmp_path):
     import pytest
 
-    curve = _bench_module("budget_curve")
+    curve = load_bench("budget_curve")
     runs = [_fake_run(tmp_path, "fused20", 3, 1200.2, 46.1), _fake_run(tmp_path, "fused5", 3, 300.3, 32.1),
             _fake_run(tmp_path, "dual10", 5, 601.0, 41.2)]
     series = curve.budget_points(runs)
