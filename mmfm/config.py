@@ -19,6 +19,8 @@ import yaml
 from mmfm.errors import ConfigError
 
 FAMILIES = ("mmfm", "segmentation")
+# The objective's loss terms and their default weights (objective.loss_weights; words: caption-word classification).
+LOSS_WEIGHTS = {"itc": 1.0, "itm": 1.0, "mlm": 1.0, "qa": 1.0, "words": 0.0}
 
 
 @dataclass
@@ -81,7 +83,7 @@ class ObjectiveConfig:
     alpha_warmup_steps: int = 0      # optimizer steps of the ramp; 0 = one epoch of the first stream
     mlm_prob: float = 0.15
     itc_positives: str = "image_id"  # image_id: every key of the same image/video; diagonal: ALBEF pretraining
-    loss_weights: dict = field(default_factory=lambda: {"itc": 1.0, "itm": 1.0, "mlm": 1.0, "qa": 1.0})
+    loss_weights: dict = field(default_factory=lambda: dict(LOSS_WEIGHTS))  # a term left out keeps its default
 
 
 @dataclass
@@ -292,14 +294,11 @@ def validate(cfg: Config) -> None:
     _require_choice("data.on_error", cfg.data.on_error, ("skip", "raise"))
 
 
-LOSS_TERMS = ("itc", "itm", "mlm", "qa", "words")
-
-
 def _validate_loss_weights(cfg: Config) -> None:
     for term, weight in cfg.objective.loss_weights.items():
-        if term not in LOSS_TERMS:
-            raise ConfigError(f"objective.loss_weights.{term}: not a loss term; use {', '.join(LOSS_TERMS)}"
-                              f"{_closest(term, LOSS_TERMS)}")
+        if term not in LOSS_WEIGHTS:
+            raise ConfigError(f"objective.loss_weights.{term}: not a loss term; use {', '.join(LOSS_WEIGHTS)}"
+                              f"{_closest(term, tuple(LOSS_WEIGHTS))}")
         if not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight < 0:
             raise ConfigError(f"objective.loss_weights.{term}={weight!r}: give a number >= 0")
     if cfg.objective.loss_weights.get("words", 0) > 0 and not getattr(cfg.model, "word_head", False):

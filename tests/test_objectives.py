@@ -336,7 +336,7 @@ def test_word_targets_are_each_captions_distinct_words_without_specials():
 def test_word_loss_trains_the_vision_side_and_ignores_captions_without_words():
     from mmfm.config import ModelConfig
     from mmfm.models.model import MMFM
-    from mmfm.objectives.words import soft_cross_entropy, word_targets
+    from mmfm.objectives.words import word_loss, word_targets
 
     torch.manual_seed(0)
     model = MMFM(ModelConfig(width=64, depth=2, heads=2, fusion_layer=1, fusion_mode="cross", img_size=32,
@@ -346,9 +346,9 @@ def test_word_loss_trains_the_vision_side_and_ignores_captions_without_words():
     words, bigrams = model.word_logits(vision.tokens)
     assert words.shape == (2, model.tokenizer.vocab_size) and bigrams.shape == (2, 64)
     targets = word_targets(ids, mask, model.tokenizer.special_ids, words.shape[1])
-    loss = soft_cross_entropy(words, targets)
+    loss = word_loss(words, targets)
     expected = -(F.log_softmax(words[:1], 1) * targets[:1]).sum()
     assert torch.allclose(loss, expected)
     loss.backward()
     assert model.trunk.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
-    assert soft_cross_entropy(words, torch.zeros_like(words)) == 0
+    assert word_loss(words, torch.zeros_like(words)) == 0

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmfm.objectives.soft import soft_cross_entropy
+
 
 class FeatureQueue(nn.Module):
     """A ring buffer of (vision, text, id) momentum features of any size (no divisibility assumption)."""
@@ -59,10 +61,6 @@ def diagonal_targets(batch_size: int, queue_size: int, device=None) -> torch.Ten
     return F.pad(torch.eye(batch_size, device=device), (0, queue_size))
 
 
-def _soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return -(F.log_softmax(logits, dim=1) * targets).sum(1).mean()
-
-
 def itc_loss(
     vision: torch.Tensor,
     text: torch.Tensor,
@@ -90,4 +88,4 @@ def itc_loss(
     if text_negatives is not None:
         sim_v2t = torch.cat([sim_v2t, vision @ text_negatives.t() / temp], dim=1)
         target_v2t = F.pad(target_v2t, (0, len(text_negatives)))
-    return (_soft_cross_entropy(sim_v2t, target_v2t) + _soft_cross_entropy(sim_t2v, target_t2v)) / 2
+    return (soft_cross_entropy(sim_v2t, target_v2t) + soft_cross_entropy(sim_t2v, target_t2v)) / 2

@@ -3,6 +3,8 @@
 import torch
 import torch.nn.functional as F
 
+from mmfm.objectives.soft import soft_cross_entropy
+
 
 @torch.no_grad()
 def mask_tokens(ids: torch.Tensor, special_ids, mask_id: int, bpe_size: int, prob: float = 0.15,
@@ -15,9 +17,7 @@ def mask_tokens(ids: torch.Tensor, special_ids, mask_id: int, bpe_size: int, pro
     def uniform():
         return torch.rand(ids.shape, generator=generator, device=ids.device)
 
-    maskable = torch.ones_like(ids, dtype=torch.bool)
-    for special in special_ids:
-        maskable &= ids != special
+    maskable = ~torch.isin(ids, torch.tensor(special_ids, device=ids.device))
     chosen = (uniform() < prob) & maskable
     labels = torch.where(chosen, ids, torch.full_like(ids, -100))
     to_mask = chosen & (uniform() < 0.8)
@@ -35,6 +35,6 @@ def mlm_loss(logits: torch.Tensor, labels: torch.Tensor, logits_m: torch.Tensor 
     """
     loss = F.cross_entropy(logits, labels)
     if alpha > 0 and logits_m is not None:
-        soft = -(F.log_softmax(logits, dim=1) * F.softmax(logits_m, dim=1)).sum(1).mean()
+        soft = soft_cross_entropy(logits, F.softmax(logits_m, dim=1))
         loss = (1 - alpha) * loss + alpha * soft
     return loss

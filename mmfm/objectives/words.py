@@ -8,17 +8,15 @@ distinct tokens (and hashed token bigrams), normalised to a distribution; the lo
 """
 
 import torch
-import torch.nn.functional as F
+
+from mmfm.objectives.soft import soft_cross_entropy
 
 _BIGRAM_PRIME = 1_000_003
 
 
 def _content(ids: torch.Tensor, mask: torch.Tensor, special_ids) -> torch.Tensor:
     """(B, L) True where a token is a real word: not padding and not a special token."""
-    keep = mask.clone()
-    for special in special_ids:
-        keep &= ids != special
-    return keep
+    return mask & ~torch.isin(ids, torch.tensor(special_ids, device=ids.device))
 
 
 def _distribution(rows: torch.Tensor, cols: torch.Tensor, batch: int, classes: int) -> torch.Tensor:
@@ -42,9 +40,9 @@ def bigram_targets(ids: torch.Tensor, mask: torch.Tensor, special_ids, buckets: 
     return _distribution(rows, hashed, len(ids), buckets)
 
 
-def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean over the rows that have a target of -sum(targets * log_softmax(logits))."""
+def word_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Soft cross-entropy over the captions that have words (a caption of specials only asks nothing)."""
     present = targets.sum(1) > 0
     if not present.any():
         return logits.new_zeros(())
-    return -(F.log_softmax(logits[present], dim=1) * targets[present]).sum(1).mean()
+    return soft_cross_entropy(logits[present], targets[present])

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mmfm.config import LOSS_WEIGHTS
 from mmfm.data import (
     BindingDataset,
     ImageTextDataset,
@@ -29,7 +30,7 @@ from mmfm.objectives.distributed import gather_no_grad, gather_with_grad
 from mmfm.objectives.itc import FeatureQueue, diagonal_targets, itc_loss, positive_targets
 from mmfm.objectives.itm import itm_loss
 from mmfm.objectives.mlm import mask_tokens, mlm_loss
-from mmfm.objectives.words import bigram_targets, soft_cross_entropy, word_targets
+from mmfm.objectives.words import bigram_targets, word_loss, word_targets
 from mmfm.tasks.answer import answer_losses
 from mmfm.tasks.base import (
     Task,
@@ -175,7 +176,7 @@ class AlignLoss(TaskLoss):
     def __init__(self, stream: str, question_head: str, settings, embed_dim: int):
         super().__init__()
         self.stream, self.question_head = stream, question_head
-        self.weights = {"itc": 1.0, "itm": 1.0, "mlm": 1.0, "qa": 1.0, "words": 0.0, **settings.loss_weights}
+        self.weights = {**LOSS_WEIGHTS, **settings.loss_weights}
         self.mlm_prob, self.itc_positives = settings.mlm_prob, settings.itc_positives
         self.queue = FeatureQueue(settings.queue_size, embed_dim)
 
@@ -266,9 +267,9 @@ class AlignLoss(TaskLoss):
         """Caption-word classification from the image alone (``mmfm.objectives.words``)."""
         specials = model.tokenizer.special_ids
         words, bigrams = model.word_logits(vision)
-        loss = soft_cross_entropy(words, word_targets(ids, mask, specials, words.shape[1]))
+        loss = word_loss(words, word_targets(ids, mask, specials, words.shape[1]))
         if bigrams is not None:
-            loss = loss + soft_cross_entropy(bigrams, bigram_targets(ids, mask, specials, bigrams.shape[1]))
+            loss = loss + word_loss(bigrams, bigram_targets(ids, mask, specials, bigrams.shape[1]))
         return loss
 
     def _mlm(self, run, ids, mask, context, momentum, alpha):
