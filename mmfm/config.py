@@ -44,7 +44,7 @@ class ModelConfig:
     drop_path: float = 0.0
     rolling: bool = True             # temporal token rolling for videos, unimodal and joint passes
     text_bigram: bool = True         # add a projection of the previous word to each text token (word order)
-    vision_tokenizer: str = "patch"  # mmfm.list_vision_tokenizers(): patch | conv | backbone | tubelet
+    vision_tokenizer: str = "patch"  # mmfm.list_vision_tokenizers(): patch | conv | patch_conv | backbone | tubelet
     vision_tokenizer_kwargs: dict = field(default_factory=dict)
     itm_pair_features: bool = False  # ITM also reads the product of the pair's ITC features (models/model.py)
     answer_pair_features: bool = False  # answer heads also read question [CLS] * image [CLS] (MLB pooling)

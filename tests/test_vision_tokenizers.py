@@ -21,6 +21,7 @@ PATCH, SIZE, WIDTH = 8, 32, 32
 TOKENIZERS = {
     "patch": ({}, 3, 3),
     "conv": ({}, 3, 3),
+    "patch_conv": ({}, 3, 3),
     "tubelet": ({"tubelet_size": 2}, 5, 3),
     # stride 8: a 4x4 grid at 32 px; zero_init_last (a timm kwarg) would zero the residual branches' gradients
     "backbone": ({"name": "resnet18", "out_index": 2, "zero_init_last": False}, 3, 3),
@@ -51,7 +52,7 @@ def test_every_tokenizer_is_registered_and_public():
 
 
 def test_unknown_tokenizer_names_the_choices():
-    with pytest.raises(ModelError, match="'pixels'.*backbone, conv, patch, tubelet"):
+    with pytest.raises(ModelError, match="'pixels'.*backbone, conv, patch, patch_conv, tubelet"):
         create_vision_tokenizer("pixels", WIDTH, SIZE, PATCH)
 
 
@@ -113,15 +114,19 @@ def test_images_and_videos_through_the_trunk(name):
 def test_gradients_reach_every_tokenizer_parameter(name):
     trunk = trunk_with(name).train()
     _, frames, _ = TOKENIZERS[name]
-    image = trunk.unimodal(trunk.embed_image(randn(2, 3, SIZE, SIZE))).x
-    video = trunk.unimodal(trunk.embed_video(randn(2, frames, 3, SIZE, SIZE, seed=1))).x
-    (image.pow(2).mean() + video.pow(2).mean()).backward()
+    optimizer = torch.optim.SGD(trunk.parameters(), lr=0.1)
+    for _ in range(2):  # the second step: zero-initialised branches (patch_conv) pass gradient once they moved
+        optimizer.zero_grad()
+        image = trunk.unimodal(trunk.embed_image(randn(2, 3, SIZE, SIZE))).x
+        video = trunk.unimodal(trunk.embed_video(randn(2, frames, 3, SIZE, SIZE, seed=1))).x
+        (image.pow(2).mean() + video.pow(2).mean()).backward()
+        optimizer.step()
     params = dict(trunk.vision_tokenizer.named_parameters())
     assert params and all(p.grad is not None and p.grad.abs().sum() > 0 for p in params.values()), \
         [n for n, p in params.items() if p.grad is None or p.grad.abs().sum() == 0]
 
 
-@pytest.mark.parametrize("name", ["patch", "conv", "tubelet"])
+@pytest.mark.parametrize("name", ["patch", "conv", "patch_conv", "tubelet"])
 def test_sizes_off_the_patch_grid_are_clear_errors(name):
     trunk = trunk_with(name)
     with pytest.raises(ModelError, match="30x32 is not a multiple of patch 8"):
@@ -212,3 +217,20 @@ def test_backbone_video_gets_the_trunks_temporal_embedding_and_rolling():
     frames = video.x[0, 1:].view(3, 16, WIDTH) - trunk.temporal_embed[0, :3, None]
     assert max_diff(frames, frames[:1].expand_as(frames)) <= 1e-5, "frames differ only by the temporal embedding"
     assert max_diff(video.x[0, 1:17], video.x[0, 17:33]) > 1e-3
+
+
+# ---- patch_conv --------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def test_patch_conv_starts_as_the_linear_patchify_and_its_conv_branch_is_live():
+    hybrid = create_vision_tokenizer("patch_conv", WIDTH, SIZE, PATCH)
+    plain = create_vision_tokenizer("patch", WIDTH, SIZE, PATCH)
+    plain.proj.load_state_dict(hybrid.proj.state_dict())
+    images = randn(3, 3, SIZE, SIZE)
+    assert torch.equal(hybrid(images)[0], plain(images)[0]), "the conv branch's 1x1 output starts at zero"
+    assert [m.stride for m in hybrid.stem if isinstance(m, nn.Conv2d)] == [(2, 2)] * 3, "log2(8) stride-2 convs"
+    nn.init.normal_(hybrid.conv_proj.weight)
+    moved = hybrid(images)[0]
+    assert max_diff(moved, plain(images)[0]) > 1e-2
+    assert max_diff(hybrid(images[:1])[0], moved[:1]) <= 1e-5, "GroupNorm: an image's tokens do not depend on its batch"

@@ -9,6 +9,7 @@ the rolling index once, for every tokenizer. Chosen by ``model.vision_tokenizer`
   ``patch``     linear patchify (ViT): a Conv2d with kernel = stride = patch
   ``conv``      early convolutions (Xiao et al. 2021, "Early Convolutions Help Transformers See Better"):
                 log2(patch) 3x3 stride-2 convs with GroupNorm + ReLU, then a 1x1 conv to the width
+  ``patch_conv`` ``patch`` plus a zero-initialised ``conv`` branch: starts as the linear patchify, learns shapes
   ``backbone``  any timm feature model (CrossViT, TNT, BiFormer, HorNet, P2AT, ResNets): one feature map
                 through a 1x1 projection (Linear) to the width
   ``tubelet``   C-ViViT (Villegas et al. 2022): the first frame patched alone, later frames as t x p x p tubelets
@@ -153,30 +154,35 @@ class TubeletTokenizer(PatchTokenizer):
         return torch.cat([first[:, None], later.flatten(3).permute(0, 2, 3, 1)], dim=1), grid
 
 
-@register_vision_tokenizer("conv")
-class ConvTokenizer(VisionTokenizer):
-    """Early convolutions: log2(patch) 3x3 stride-2 convs (channels doubling up to ``width``), then a 1x1 conv.
+def early_conv_stem(in_chans: int, width: int, patch_size: int) -> tuple[nn.Sequential, int]:
+    """log2(patch) 3x3 stride-2 convs (GroupNorm + ReLU), channels doubling up to ``width``; and their output channels.
 
     GroupNorm, not the paper's BatchNorm: the trunk embeds packed images one at a time and folds video
     frames into the batch, so batch statistics would make an image's tokens depend on its batch and on
     train vs eval mode (and need syncing across GPUs); GroupNorm gives every image the same tokens alone,
     batched, packed or as a frame.
     """
+    if patch_size < 2 or patch_size & (patch_size - 1):
+        raise ModelError(f"model.patch_size={patch_size}: a convolutional vision tokenizer needs a power of two >= 2 "
+                         "(one stride-2 conv per halving)")
+    depth = patch_size.bit_length() - 1
+    channels = [in_chans] + [max(width >> (depth - 1 - i), 1) for i in range(depth)]
+    layers = []
+    for fan_in, fan_out in itertools.pairwise(channels):
+        layers += [nn.Conv2d(fan_in, fan_out, 3, 2, 1, bias=False),
+                   nn.GroupNorm(math.gcd(32, fan_out), fan_out), nn.ReLU(inplace=True)]
+    return nn.Sequential(*layers), channels[-1]
+
+
+@register_vision_tokenizer("conv")
+class ConvTokenizer(VisionTokenizer):
+    """Early convolutions: the stem of ``early_conv_stem``, then a 1x1 conv to the width."""
 
     def __init__(self, width: int, img_size: int, patch_size: int, in_chans: int = 3):
         super().__init__()
-        if patch_size < 2 or patch_size & (patch_size - 1):
-            raise ModelError(f"model.patch_size={patch_size}: the conv vision tokenizer needs a power of two >= 2 "
-                             "(one stride-2 conv per halving)")
         self.patch_size = patch_size
-        depth = patch_size.bit_length() - 1
-        channels = [in_chans] + [max(width >> (depth - 1 - i), 1) for i in range(depth)]
-        layers = []
-        for fan_in, fan_out in itertools.pairwise(channels):
-            layers += [nn.Conv2d(fan_in, fan_out, 3, 2, 1, bias=False),
-                       nn.GroupNorm(math.gcd(32, fan_out), fan_out), nn.ReLU(inplace=True)]
-        self.stem = nn.Sequential(*layers)
-        self.proj = nn.Conv2d(channels[-1], width, 1)
+        self.stem, channels = early_conv_stem(in_chans, width, patch_size)
+        self.proj = nn.Conv2d(channels, width, 1)
 
     def grid_for(self, img_size: int) -> tuple[int, int]:
         return patch_grid(img_size, img_size, self.patch_size)
@@ -184,6 +190,28 @@ class ConvTokenizer(VisionTokenizer):
     def forward(self, frames):
         grid = patch_grid(*frames.shape[-2:], self.patch_size)
         return self.proj(self.stem(frames)).flatten(2).transpose(1, 2), grid
+
+
+@register_vision_tokenizer("patch_conv")
+class PatchConvTokenizer(PatchTokenizer):
+    """The linear patchify plus an early-convolution branch whose 1x1 output starts at zero.
+
+    At initialisation the tokens are exactly the ``patch`` tokenizer's, so the colour and position signal
+    a linear patch carries from the first step is kept (a conv stem alone starts slower: its ITC plateaus
+    for ~150 steps); the convolutions then add what a linear patch cannot see cheaply, the shape of an
+    object that straddles patch borders at any offset (translation-equivariant 3x3 filters).
+    """
+
+    def __init__(self, width: int, img_size: int, patch_size: int, in_chans: int = 3):
+        super().__init__(width, img_size, patch_size, in_chans)
+        self.stem, channels = early_conv_stem(in_chans, width, patch_size)
+        self.conv_proj = nn.Conv2d(channels, width, 1)
+        nn.init.zeros_(self.conv_proj.weight)
+        nn.init.zeros_(self.conv_proj.bias)
+
+    def forward(self, frames):
+        tokens, grid = super().forward(frames)
+        return tokens + self.conv_proj(self.stem(frames)).flatten(2).transpose(1, 2), grid
 
 
 @register_vision_tokenizer("backbone")
