@@ -20,7 +20,7 @@ from mmfm.errors import ConfigError
 
 FAMILIES = ("mmfm", "segmentation")
 # The objective's loss terms and their default weights (objective.loss_weights; words: caption-word classification).
-LOSS_WEIGHTS = {"itc": 1.0, "itm": 1.0, "mlm": 1.0, "qa": 1.0, "words": 0.0}
+LOSS_WEIGHTS = {"itc": 1.0, "itm": 1.0, "itm_rank": 0.0, "mlm": 1.0, "qa": 1.0, "words": 0.0}
 
 
 @dataclass

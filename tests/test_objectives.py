@@ -10,7 +10,7 @@ from torch import nn
 
 from mmfm.models.momentum import MomentumModel
 from mmfm.objectives.itc import FeatureQueue, diagonal_targets, itc_loss, positive_targets
-from mmfm.objectives.itm import sample_hard_negatives
+from mmfm.objectives.itm import itm_rank_loss, sample_hard_negatives
 from mmfm.objectives.mlm import mask_tokens, mlm_loss
 from mmfm.objectives.vqa import vqa_loss
 from mmfm.tokenizers.text import TextTokenizer
@@ -159,6 +159,21 @@ def test_hard_negatives_follow_similarity():
     sim = torch.tensor([[0.0, 8.0, -8.0, -8.0]] * 4)
     picks = torch.stack([sample_hard_negatives(sim, ids, ids)[0] for _ in range(100)])
     assert (picks == 1).float().mean() > 0.9
+
+
+def test_itm_rank_loss_ranks_each_positive_against_its_own_candidates():
+    # batch 2: positives, (text, hard image), (hard text, image), one caption negative of image 1
+    match = torch.tensor([2.0, 0.5, 1.0, 3.0, -1.0, 0.0, 4.0])
+    labels = torch.tensor([1, 1, 0, 1, 0, 0, 0])  # text 1's hard image shares its id: left out
+    loss = itm_rank_loss(match, labels, batch=2, caption_rows=torch.tensor([1]))
+    text_side = [F.cross_entropy(torch.tensor([[2.0, 1.0]]), torch.tensor([0])), torch.tensor(0.0)]
+    image_side = [F.cross_entropy(torch.tensor([[2.0, -1.0]]), torch.tensor([0])),
+                  F.cross_entropy(torch.tensor([[0.5, 0.0, 4.0]]), torch.tensor([0]))]
+    expected = 0.5 * (sum(text_side) / 2 + sum(image_side) / 2)
+    assert torch.allclose(loss, expected, atol=1e-6)
+    without_captions = itm_rank_loss(match[:6], labels[:6], batch=2)
+    image_side[1] = F.cross_entropy(torch.tensor([[0.5, 0.0]]), torch.tensor([0]))
+    assert torch.allclose(without_captions, 0.5 * (sum(text_side) / 2 + sum(image_side) / 2), atol=1e-6)
 
 
 def test_mlm_masking_ratios_and_specials():

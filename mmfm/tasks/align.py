@@ -200,9 +200,8 @@ class AlignLoss(TaskLoss):
             context = model.fusion_context(vision.tokens)
             sim_t2v = (text.feat @ vision.feat.t() / model.temp).detach()
             caption_negatives = None if negatives is None else (negatives.tokens, negatives.rows)
-            losses["itm"], losses["itm_acc"] = itm_loss(model, text.tokens, context, sim_t2v, sim_t2v.t(), pair_ids,
-                                                        caption_negatives)
-            weights["itm"] = self.weights["itm"]
+            losses.update(itm_loss(model, text.tokens, context, sim_t2v, sim_t2v.t(), pair_ids, caption_negatives))
+            weights.update({term: self.weights[term] for term in ("itm", "itm_rank") if self.weights[term] > 0})
             if self.weights["mlm"] > 0:
                 losses["mlm"] = self._mlm(run, ids, mask, context, momentum, alpha)
                 weights["mlm"] = self.weights["mlm"]
