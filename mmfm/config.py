@@ -247,8 +247,26 @@ def parse_overrides(overrides: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key.sub=value")
         key, raw = item.split("=", 1)
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw else "")
+        _set_dotted(tree, key.strip(), _override_value(key.strip(), raw) if raw else "")
     return tree
+
+
+def _override_value(key: str, raw: str):
+    """An override's value as plain YAML data; a tag (``!!python/object:...``, ``!!binary``) is refused,
+    since no config value needs one and safe_load either fails on it or builds a non-config type."""
+    try:
+        if any(isinstance(token, yaml.TagToken) for token in yaml.scan(raw)):
+            raise ConfigError(f"override {key}={raw!r}: YAML tags (!!...) are not accepted; give a plain value")
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {key}={raw!r} is not a valid YAML value ({_yaml_problem(err)})") from None
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML error on one line (its str spans several, with a caret under the culprit)."""
+    mark = getattr(err, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    return f"{getattr(err, 'problem', None) or str(err).splitlines()[0]}{where}"
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -270,7 +288,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {_yaml_problem(err)}") from None
     cfg = from_dict(Config, _merge(data, parse_overrides(list(overrides))))
     validate(cfg)
     return cfg

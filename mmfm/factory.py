@@ -16,7 +16,7 @@ from torch import nn
 from mmfm.architectures import list_architectures
 from mmfm.config import model_config
 from mmfm.errors import ConfigError, ModelError
-from mmfm.models.io import build_model, load_model, read_info
+from mmfm.models.io import build_model, build_stored, load_model, read_info
 
 
 def list_models(pretrained: bool = True, task: str | None = None) -> list[str]:
@@ -55,8 +55,9 @@ def _from_checkpoint(path: Path, pretrained, attention_backend: str) -> nn.Modul
         return load_model(path, attention_backend)
     from mmfm.models.io import checkpoint_file
 
-    info = read_info(checkpoint_file(path))
-    return build_model(_arch(info.arch, presets=False), info.answers, info.preprocess, attention_backend)
+    file = checkpoint_file(path)
+    info = read_info(file)
+    return build_stored(info.arch, file, info.answers, info.preprocess, attention_backend)
 
 
 def _from_zoo(name: str, pretrained, attention_backend: str) -> nn.Module:
@@ -64,20 +65,21 @@ def _from_zoo(name: str, pretrained, attention_backend: str) -> nn.Module:
 
     if pretrained is False or (isinstance(pretrained, (str, Path)) and Path(pretrained).exists()):
         entry = zoo.find_entry(name)
-        arch = _arch(entry.architecture, presets=False)
+        where = f"zoo model {name!r}"
         if pretrained is False:
-            return build_model(arch, preprocess=entry.preprocessing, attention_backend=attention_backend)
-        return _weights_into(arch, Path(pretrained), attention_backend)
+            return build_stored(entry.architecture, where, preprocess=entry.preprocessing,
+                                attention_backend=attention_backend)
+        return _weights_into(entry.architecture, where, Path(pretrained), attention_backend)
     tag = pretrained if isinstance(pretrained, str) else None
     return load_model(zoo.resolve(name, tag), attention_backend)
 
 
-def _weights_into(arch, path: Path, attention_backend: str) -> nn.Module:
+def _weights_into(arch: dict, where: str, path: Path, attention_backend: str) -> nn.Module:
     """Weights of a file (any answer lists it stores) in a zoo entry's architecture, strictly."""
     from safetensors.torch import load_model as load_safetensors
 
     info = read_info(path)
-    model = build_model(arch, info.answers, info.preprocess, attention_backend)
+    model = build_stored(arch, where, info.answers, info.preprocess, attention_backend)
     try:
         load_safetensors(model, str(path), strict=True)
     except (RuntimeError, OSError, ValueError) as err:
@@ -85,9 +87,9 @@ def _weights_into(arch, path: Path, attention_backend: str) -> nn.Module:
     return model.eval()
 
 
-def _arch(block: dict, presets: bool = True):
+def _arch(block: dict):
     try:
-        return model_config(block, prefix="architecture ", presets=presets)
+        return model_config(block, prefix="architecture ")
     except ConfigError as err:
         raise ModelError(str(err)) from None
 

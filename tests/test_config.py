@@ -61,3 +61,35 @@ def test_bad_crop_scale_and_negative_words_name_their_key():
         _negatives(["data.negative_words=[[red]]"])
     with pytest.raises(ConfigError, match=r"data\.negative_replace_prob"):
         _negatives(["data.negative_words=[[red, green]]", "data.negative_replace_prob=1.5"])
+
+
+@pytest.mark.parametrize("override,match", [
+    ("model.width=!!python/object/apply:os.system [echo hi]", r"model\.width=.*YAML tags"),
+    ("x=!!binary aGVsbG8=", r"override x=.*YAML tags"),
+    ("data.root=!!python/name:os.system", r"data\.root=.*YAML tags"),
+    ("model.width=[1", r"override model\.width='\[1' is not a valid YAML value \(.* at line 1"),
+])
+def test_override_with_a_yaml_tag_or_bad_yaml_is_a_config_error_naming_the_key(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, [override])
+
+
+def test_config_file_with_bad_yaml_is_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  width: [8\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml' is not valid YAML: .* at line \d+, column \d+") as info:
+        load_config(bad)
+    assert "\n" not in str(info.value)
+
+
+def test_cli_override_with_a_yaml_tag_prints_one_line_and_exits_2(tmp_path):
+    import subprocess
+    import sys
+
+    marker = tmp_path / "ran"
+    result = subprocess.run([sys.executable, "-m", "mmfm.cli", "train", "--config", "configs/demo_shapes.yaml",
+                             f"model.width=!!python/object/apply:os.system [touch {marker}]"],
+                            capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr and not marker.exists()
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("mmfm train: error: override model.width=") and "YAML tags" in lines[-1]

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -61,8 +62,9 @@ def _wait_for(path, proc, seconds=300):
 
 
 def test_killed_run_resumes_to_identical_weights(tmp_path, tiny_overrides):
-    overrides = tiny_overrides + ["train.max_steps=24", "train.save_every=6", "train.keep_last=5",
-                                  "objective.loss_weights.mlm=1",
+    # max_minutes=0: a wall-time budget ends the cosine early by elapsed time, which a loaded machine changes
+    overrides = tiny_overrides + ["train.max_steps=24", "train.max_minutes=0", "train.save_every=6",
+                                  "train.keep_last=5", "objective.loss_weights.mlm=1",
                                   "train.tasks={image_text: 1.0, video_text: 0.5, vqa: 0.5}"]
     reference = tmp_path / "reference"
     assert _train(reference, overrides, "--no-eval").returncode == 0
@@ -93,6 +95,52 @@ def test_killed_run_resumes_to_identical_weights(tmp_path, tiny_overrides):
 def test_resume_rejects_a_path_that_is_not_a_checkpoint(tmp_path, tiny_overrides):
     result = _train(tmp_path / "r", tiny_overrides + ["train.max_steps=2"], "--resume", str(tmp_path))
     assert result.returncode == 2 and "not a checkpoint directory" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_shapes, tmp_path_factory):
+    """The step-2 checkpoint of a 2-step run, and the overrides that run used."""
+    overrides = [f"data.root={tiny_shapes}", *TINY_MODEL, "train.max_steps=2", "train.save_every=2"]
+    run = tmp_path_factory.mktemp("resume") / "run"
+    result = _train(run, overrides, "--no-eval")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run / "checkpoints" / "step_00000002", overrides
+
+
+def _damaged_copy(checkpoint, tmp_path, name, content):
+    """A copy of the checkpoint with file `name` overwritten by `content` (None: deleted)."""
+    copy = tmp_path / "step_00000002"
+    shutil.copytree(checkpoint, copy)
+    if content is None:
+        (copy / name).unlink()
+    else:
+        (copy / name).write_bytes(content)
+    return copy
+
+
+@pytest.mark.parametrize("name,content,match", [
+    ("train_state.json", b"garbage", "train_state.json is unreadable"),
+    ("train_state.json", b'{"step": "2"}', "train_state.json is not a train state"),
+    ("model.safetensors", b"garbage", "cannot restore this checkpoint (SafetensorError"),
+    ("optimizer.bin", None, "cannot restore this checkpoint (FileNotFoundError"),
+])
+def test_resume_from_a_damaged_checkpoint_is_one_line_and_exit_2(tmp_path, checkpoint, name, content, match):
+    damaged = _damaged_copy(checkpoint[0], tmp_path, name, content)
+    result = _train(tmp_path / "again", checkpoint[1], "--no-eval", "--resume", str(damaged))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"mmfm train: error: --resume {damaged}") and match in last
+
+
+def test_resume_with_a_damaged_rng_file_warns_and_continues(tmp_path, checkpoint):
+    """Chosen: warn and go on with fresh random state (accelerate alone skips the file silently); refusing
+    would strand a run whose weights, optimizer and data position are all intact."""
+    damaged = _damaged_copy(checkpoint[0], tmp_path, "random_states_0.pkl", b"garbage")
+    overrides = [*checkpoint[1], "train.max_steps=3"]
+    result = _train(tmp_path / "again", overrides, "--no-eval", "--resume", str(damaged))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "random_states_0.pkl is unreadable" in result.stderr and "fresh random state" in result.stderr
+    assert [r["step"] for r in _history(tmp_path / "again")] == [3]
 
 
 def test_missing_data_is_a_clear_error(tmp_path, tiny_overrides):

@@ -172,3 +172,73 @@ def test_unreachable_host_is_a_clear_error(tmp_path, monkeypatch):
     use_sources(tmp_path, monkeypatch, "http://127.0.0.1:9/tiny.safetensors")  # discard port: refused
     with pytest.raises(ZooError, match=r"127\.0\.0\.1:9/tiny\.safetensors: cannot connect"):
         zoo.resolve("tiny", quiet=True, timeout=2)
+
+
+class _WriteCounter:
+    """Spy on download's `open`: the largest number of bytes any one file opened for writing received."""
+
+    def __init__(self, monkeypatch):
+        self.most = 0
+        real_open = open
+        counter = self
+
+        class Counted(io.FileIO):
+            def write(self, data):
+                self.written = getattr(self, "written", 0) + len(data)
+                counter.most = max(counter.most, self.written)
+                return super().write(data)
+
+        def spy(path, mode="r"):
+            return Counted(path, mode.replace("b", "")) if "b" in mode and mode != "rb" else real_open(path, mode)
+
+        monkeypatch.setattr(download, "open", spy, raising=False)
+
+
+def test_endless_source_stops_at_the_manifest_size_and_falls_back(server, tmp_path, monkeypatch):
+    endless = server.add("/endless/tiny.safetensors", DATA[:50_000], endless=True)
+    use_sources(tmp_path, monkeypatch, endless, server.add("/good/tiny.safetensors", DATA))
+    writes = _WriteCounter(monkeypatch)
+    assert zoo.resolve("tiny", quiet=True).read_bytes() == DATA
+    assert writes.most == len(DATA), "nothing is written past the manifest's size"
+    # it stopped reading: what it sent fits the size, one 1 MiB read and the sockets' buffers, not 1 GiB
+    assert server.sent["/endless/tiny.safetensors"] < len(DATA) + 64 * download.CHUNK_SIZE
+    assert cache_files(tmp_path) == ["tiny.safetensors"]
+
+
+def test_endless_only_source_fails_clearly_and_leaves_no_part(server, tmp_path, monkeypatch):
+    use_sources(tmp_path, monkeypatch, server.add("/endless/tiny.safetensors", DATA[:50_000], endless=True))
+    with pytest.raises(download.AllSourcesFailed, match=f"sent more than the manifest's {len(DATA)} bytes") as info:
+        zoo.resolve("tiny", quiet=True)
+    assert [type(c) for c in info.value.causes] == [download.HashMismatch]
+    assert cache_files(tmp_path) == [], "the partial download is discarded"
+
+
+def test_resumed_download_is_capped_too(server, tmp_path, monkeypatch):
+    use_sources(tmp_path, monkeypatch, server.add("/w/tiny.safetensors", DATA + b"extra bytes"))
+    target = zoo.cache_path(zoo.load_manifest()[0])
+    target.parent.mkdir(parents=True)
+    target.with_name(target.name + ".part").write_bytes(DATA[:5000])
+    writes = _WriteCounter(monkeypatch)
+    with pytest.raises(download.AllSourcesFailed, match="sent more than the manifest's"):
+        zoo.resolve("tiny", quiet=True)
+    assert server.requests_for("/w/tiny.safetensors") == [("GET", "bytes=5000-")]
+    assert writes.most <= len(DATA) - 5000 and cache_files(tmp_path) == []
+
+
+def test_part_longer_than_the_manifest_size_is_discarded_not_resumed(server, tmp_path, monkeypatch):
+    use_sources(tmp_path, monkeypatch, server.add("/w/tiny.safetensors", DATA))
+    target = zoo.cache_path(zoo.load_manifest()[0])
+    target.parent.mkdir(parents=True)
+    target.with_name(target.name + ".part").write_bytes(DATA + b"\0" * 1000)  # left by an older, uncapped run
+    assert zoo.resolve("tiny", quiet=True).read_bytes() == DATA
+    assert server.requests_for("/w/tiny.safetensors") == [("GET", None)]
+
+
+def test_oversized_file_source_is_refused_without_copying_it_all(tmp_path, monkeypatch):
+    manifest = isolate_zoo(tmp_path, monkeypatch, [manifest_entry("tiny", DATA, ["file:weights/tiny.safetensors"])])
+    (manifest.parent / "weights").mkdir()
+    (manifest.parent / "weights" / "tiny.safetensors").write_bytes(DATA * 8)
+    writes = _WriteCounter(monkeypatch)
+    with pytest.raises(download.AllSourcesFailed, match="sent more than the manifest's"):
+        zoo.resolve("tiny", quiet=True)
+    assert writes.most <= len(DATA) and cache_files(tmp_path) == []

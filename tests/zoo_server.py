@@ -8,7 +8,9 @@
 
 Faults per path: `drop_after` (once), `wrong_bytes` (same length, other content), `status` (e.g. 404),
 `delay` (sleep before answering: beyond a client timeout), `throttle` (seconds between 64 KiB chunks),
-`ignore_range` (answer 200 + the whole file to Range requests). Range requests get 206 + Content-Range.
+`ignore_range` (answer 200 + the whole file to Range requests), `endless` (no Content-Length, the file sent
+over and over until the client hangs up; `sent[path]` counts the bytes). Range requests get 206 +
+Content-Range.
 It also answers `/{repo}/resolve/{revision}/{file}` HEAD/GET the way the Hugging Face Hub does (ETag,
 X-Repo-Commit), so `huggingface_hub.hf_hub_download` can be pointed at it with HF_ENDPOINT.
 """
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 CHUNK = 64 * 1024
+ENDLESS_LIMIT = 1 << 30  # an `endless` answer still ends here, so a client that never stops cannot hang a test
 FAKE_COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
@@ -37,6 +40,7 @@ class Served:
     delay: float = 0.0
     throttle: float = 0.0
     ignore_range: bool = False
+    endless: bool = False
 
 
 class ZooServer:
@@ -45,6 +49,7 @@ class ZooServer:
     def __init__(self):
         self.files: dict[str, Served] = {}
         self.requests: list[tuple[str, str, str | None]] = []
+        self.sent: dict[str, int] = {}
         self._lock = threading.Lock()
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
         self._httpd.daemon_threads = True
@@ -98,6 +103,9 @@ def _make_handler(server: ZooServer):
                 self._send_status(404)
                 return
             time.sleep(served.delay)
+            if served.endless:
+                self._send_endless(path, served.data)
+                return
             if served.status != 200:
                 self._send_status(served.status)
                 return
@@ -123,13 +131,29 @@ def _make_handler(server: ZooServer):
             limit = len(body)
             if served.drop_after is not None:
                 limit, served.drop_after = min(limit, served.drop_after), None  # drop once
-            for offset in range(0, limit, CHUNK):
-                self.wfile.write(body[offset : min(offset + CHUNK, limit)])
-                time.sleep(served.throttle)
+            try:
+                for offset in range(0, limit, CHUNK):
+                    self.wfile.write(body[offset : min(offset + CHUNK, limit)])
+                    time.sleep(served.throttle)
+            except (BrokenPipeError, ConnectionResetError):
+                return  # the client stopped reading (a download capped at the manifest's size)
             if limit < len(body):
                 self.wfile.flush()
                 self.close_connection = True
                 self.connection.shutdown(2)
+
+        def _send_endless(self, path: str, data: bytes) -> None:
+            self.send_response(200)
+            self.send_header("Connection", "close")  # no Content-Length: the body ends when the server hangs up
+            self.end_headers()
+            self.close_connection = True
+            server.sent[path] = 0
+            try:
+                while server.sent[path] < ENDLESS_LIMIT:
+                    self.wfile.write(data)
+                    server.sent[path] += len(data)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client stopped reading: what the test wants
 
         def _send_status(self, code: int) -> None:
             self.send_response(code)

@@ -3,16 +3,27 @@
 Layout: ``OUTPUT/checkpoints/step_00000500/`` (model/optimizer/scheduler/RNG state from accelerate, plus
 ``train_state.json``). A checkpoint is written to a temporary directory and renamed into place, so a run
 killed mid-save leaves the previous checkpoint intact and no half-written one.
+
+Resuming reads files a user may have damaged or swapped: a missing or unreadable file (or a state of another
+model or optimizer shape) is a ``ModelError`` naming the checkpoint, never a traceback. The one exception
+is the RNG file, which accelerate skips silently when it cannot read it: mmfm warns, naming the file, and
+the run resumes with fresh random state (weights, optimizer and data position intact; not bit-exact).
 """
 
 import json
 import os
+import pickle
 import shutil
+import warnings
 from pathlib import Path
 
-from mmfm.errors import ConfigError
+from mmfm.errors import ConfigError, ModelError
 
 STATE_FILE = "train_state.json"
+RNG_KEYS = {"random_state", "numpy_random_seed", "torch_manual_seed"}  # what accelerate's RNG file holds
+# How torch.load fails on a damaged or foreign pickle
+_UNREADABLE = (OSError, EOFError, RuntimeError, ValueError, KeyError, TypeError, pickle.UnpicklingError)
+_RESUME_ADVICE = "resume from another checkpoint (--resume latest picks the newest) or start without --resume"
 
 
 def checkpoint_dir(output: Path) -> Path:
@@ -42,7 +53,45 @@ def resolve_resume(resume: str | None, output: Path) -> Path | None:
 
 
 def read_train_state(path: Path) -> dict:
-    return json.loads((path / STATE_FILE).read_text())
+    """The counters of a checkpoint (step, samples, ...): a JSON object of numbers with an integer step."""
+    file = path / STATE_FILE
+    try:
+        state = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelError(f"--resume {path}: {file.name} is unreadable ({err}); {_RESUME_ADVICE}") from None
+    numbers = isinstance(state, dict) and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+                                               for v in state.values())
+    if not numbers or not isinstance(state.get("step"), int):
+        raise ModelError(f"--resume {path}: {file.name} is not a train state (a JSON object of counts with an "
+                         f"integer step); {_RESUME_ADVICE}")
+    return state
+
+
+def load_checkpoint(accelerator, path: Path) -> None:
+    """accelerate's ``load_state`` of a checkpoint directory; what goes wrong is one ModelError naming it."""
+    _check_random_states(path, accelerator.process_index)
+    try:
+        accelerator.load_state(str(path))
+    except Exception as err:  # accelerate, torch and safetensors fail in many types (OSError, SafetensorError, ...)
+        reason = " ".join(f"{type(err).__name__}: {err}".split())[:400]  # one line, however long torch's was
+        raise ModelError(f"--resume {path}: cannot restore this checkpoint ({reason}); it is damaged or was "
+                         f"written by a run of another model or optimizer; {_RESUME_ADVICE}") from err
+
+
+def _check_random_states(path: Path, process_index: int) -> None:
+    """Warn when this process's RNG file is missing or unreadable: accelerate would skip it without a word."""
+    from accelerate.utils import RNG_STATE_NAME, load
+
+    file = path / f"{RNG_STATE_NAME}_{process_index}.pkl"
+    try:
+        states = load(file)
+        problem = "" if isinstance(states, dict) and RNG_KEYS <= set(states) else "not an RNG state"
+    except _UNREADABLE as err:
+        problem = f"{type(err).__name__}: {err}".splitlines()[0]
+    if problem:
+        warnings.warn(f"--resume {path}: {file.name} is unreadable ({problem}); resuming with fresh random state "
+                      "(weights, optimizer and data position are restored, but augmentation and dropout draws "
+                      "differ from an uninterrupted run)", stacklevel=2)
 
 
 def save_checkpoint(accelerator, output: Path, step: int, train_state: dict, keep_last: int) -> Path | None:

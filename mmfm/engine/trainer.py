@@ -22,7 +22,7 @@ from tqdm import tqdm
 from mmfm.config import TrainConfig
 from mmfm.data.collate import BadSampleTracker
 from mmfm.data.sampling import EpochSampler
-from mmfm.engine.checkpoint import read_train_state, resolve_resume, save_checkpoint
+from mmfm.engine.checkpoint import load_checkpoint, read_train_state, resolve_resume, save_checkpoint
 from mmfm.engine.schedule import lr_factor, stream_schedule
 from mmfm.fileio import atomic_write_text
 
@@ -163,7 +163,7 @@ class Trainer:
         schedule = stream_schedule({n: s.weight for n, s in streams.items()}, cfg.max_steps * accum)
         iterators = self._iterators(streams, schedule, state["step"] * accum, num_workers)
         if resume_from is not None:
-            acc.load_state(str(resume_from))
+            load_checkpoint(acc, resume_from)
             self._truncate_history(state["step"])
         tracker = BadSampleTracker(max_bad_fraction)
         tracker.num_seen, tracker.num_bad = state["num_seen"], state["num_bad"]

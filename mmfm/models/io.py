@@ -7,6 +7,12 @@ version under ``mmfm_format``. The run's training knobs are not in it. Foreign w
 or from pickles through ``torch.load(weights_only=True)`` only: nothing here ever unpickles code.
 Every error is a ``ModelError`` naming the file. torch is imported on first load, so ``mmfm zoo
 list/verify`` and the downloader start fast.
+
+A stored architecture (a checkpoint's metadata, a zoo entry's ``architecture``) is data from a file, not an
+instruction: its keys must be the fields of ``ModelConfig`` / ``SegmentationModelConfig`` (anything else is a
+``ModelError``), and the backbone kwargs that name a weight source (``WEIGHT_SOURCE_KEYS``: a URL, a file, a
+Hub id, a cache folder, ``pretrained``) are dropped, so building it never downloads or opens anything; the
+weights come from the checkpoint.
 """
 
 from __future__ import annotations
@@ -31,6 +37,11 @@ ANSWERS_KEY = "mmfm_answers"
 FORMAT_KEY = "mmfm_format"
 FORMAT_VERSION = "2"
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin")
+# Backbone kwargs that say where weights come from: ``timm.create_model``'s own (pretrained_cfg and its overlay
+# may hold a url / file / hf_hub_id; checkpoint_path is opened even without ``pretrained``) and mmfm's
+# pretrained_file. tests/test_zoo_model.py checks that every I/O parameter of timm.create_model is listed.
+WEIGHT_SOURCE_KEYS = frozenset({"pretrained", "pretrained_file", "pretrained_cfg", "pretrained_cfg_overlay",
+                                "checkpoint_path", "cache_dir"})
 
 
 @dataclass
@@ -73,11 +84,10 @@ def load_model(path: str | Path, attention_backend: str = "auto") -> nn.Module:
 
     path = checkpoint_file(path)
     info = read_info(path)
-    arch = _without_weight_sources(_arch_config(info.arch, path))
-    model = build_model(arch, info.answers, info.preprocess, attention_backend)
+    model = build_stored(info.arch, path, info.answers, info.preprocess, attention_backend)
     try:
         load_safetensors(model, str(path), strict=True)
-    except RuntimeError as err:
+    except (RuntimeError, OSError, ValueError, SafetensorError) as err:
         raise ModelError(f"{path}: weights do not fit the architecture in its metadata: {err}") from None
     return model.eval()
 
@@ -104,6 +114,9 @@ def read_info(path: str | Path) -> CheckpointInfo:
                          "re-export it with the mmfm version that wrote it, or retrain")
     arch, preprocess, answers = (_json_object(metadata, key, path) for key in (ARCH_KEY, PREPROCESS_KEY,
                                                                                ANSWERS_KEY))
+    for head, answer_list in answers.items():
+        if not isinstance(answer_list, list) or not all(isinstance(answer, str) for answer in answer_list):
+            raise ModelError(f"checkpoint {path}: metadata {ANSWERS_KEY!r}[{head!r}] must be a list of strings")
     return CheckpointInfo(arch, preprocess, answers)
 
 
@@ -117,24 +130,32 @@ def _json_object(metadata: dict, key: str, path) -> dict:
     return value
 
 
-def _without_weight_sources(arch):
-    """The architecture minus the kwargs that fetch pretrained backbone weights: the checkpoint has them."""
+def build_stored(arch: dict, where, answers: dict | None = None, preprocess: dict | None = None,
+                 attention_backend: str = "auto") -> nn.Module:
+    """A fresh model of a stored architecture (``stored_architecture``); a block that names ``where`` and
+    cannot be built (a negative width, a wrong type) is a ModelError, not a traceback."""
+    arch = stored_architecture(arch, where)
+    try:
+        return build_model(arch, answers, preprocess, attention_backend)
+    except (RuntimeError, ValueError, TypeError) as err:
+        raise ModelError(f"{where}: the architecture it stores cannot be built ({type(err).__name__}: {err}); "
+                         "the file is damaged or was not written by mmfm") from None
+
+
+def stored_architecture(arch: dict, where):
+    """The ModelConfig of a stored architecture block: only its dataclass's keys, no weight source (the
+    checkpoint holds the weights, so ``pretrained`` and every kwarg naming a URL or a file are dropped)."""
     from dataclasses import replace
 
-    sources = ("pretrained", "pretrained_file")
-    if arch.family == "segmentation":
-        return replace(arch, backbone_kwargs={k: v for k, v in arch.backbone_kwargs.items() if k not in sources})
-    return replace(arch, vision_tokenizer_kwargs={k: v for k, v in arch.vision_tokenizer_kwargs.items()
-                                                  if k not in sources})
-
-
-def _arch_config(arch: dict, path):
     from mmfm.config import model_config
 
     try:
-        return model_config(arch, prefix=f"{path}: architecture ", presets=False)
+        config = model_config(arch, prefix=f"{where}: architecture ", presets=False)
     except ConfigError as err:
         raise ModelError(str(err)) from None
+    field = "backbone_kwargs" if config.family == "segmentation" else "vision_tokenizer_kwargs"
+    kwargs = getattr(config, field)
+    return replace(config, **{field: {k: v for k, v in kwargs.items() if k not in WEIGHT_SOURCE_KEYS}})
 
 
 def load_state_dict(path: str | Path, device: str = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -199,8 +220,8 @@ def _load_pickle(path: Path, device: str) -> dict[str, torch.Tensor]:
             f"refusing to load {path}: the pickle holds code or objects other than tensors, and unpickling "
             f"them could run arbitrary code. Only if you trust its origin, convert it to safetensors. ({err})"
         ) from err
-    except (RuntimeError, EOFError, OSError) as err:
-        raise ModelError(f"checkpoint {path} is corrupt or not a torch file ({err})") from err
+    except Exception as err:  # a damaged pickle fails in many ways: RuntimeError, EOFError, KeyError, ValueError...
+        raise ModelError(f"checkpoint {path} is corrupt or not a torch file ({type(err).__name__}: {err})") from err
     return _state_dict_of(obj, path)
 
 

@@ -3,7 +3,10 @@
 Cache layout: `$MMFM_HOME/hub/<name>/<sha256[:12]>/<filename>` (`MMFM_HOME` defaults to `~/.cache/mmfm`).
 A download streams into `<file>.part` (resumed with an HTTP Range request after a dropped connection),
 is checked against the manifest's size and sha256, and only then renamed into place, so the cache never
-holds a bad file. A `<file>.lock` file lock lets one thread/process download while the others wait.
+holds a bad file. Nothing is written past the manifest's size: a source that sends more (an endless
+stream, another file) fails as soon as it does, having read at most one chunk (1 MiB) past the size,
+and its partial file is deleted; a `.part` already longer than the size is discarded, not resumed.
+A `<file>.lock` file lock lets one thread/process download while the others wait.
 Sources are tried in order; the final error lists why each one failed.
 """
 
@@ -186,6 +189,9 @@ def _fetch_source(
             _copy_into_part(_hf_hub_file(source, timeout), spec, part, quiet)
         else:
             _copy_into_part(_local_source_path(source, entry), spec, part, quiet)
+    except HashMismatch:  # too many bytes: not the manifest's file, nothing worth resuming
+        part.unlink(missing_ok=True)
+        raise
     except OSError as err:
         if err.errno in (errno.ENOSPC, errno.EDQUOT):
             part.unlink(missing_ok=True)
@@ -254,7 +260,7 @@ def _stream_url(url: str, spec: FileSpec, part: Path, have: int, quiet: bool, ti
             _check_content_range(url, response.headers.get("Content-Range", ""), have)
         start = have if resumed else 0  # a 200 answer to a Range request is the whole file
         with open(part, "ab" if resumed else "wb") as fh, _progress(spec, start, quiet) as bar:
-            _copy_response(url, response, fh, bar, timeout)
+            _copy_response(url, _capped(url, _chunks(response), start, spec.size), fh, bar, timeout)
     if part.stat().st_size < spec.size:
         raise ConnectionDropped(f"{url}: connection closed after {part.stat().st_size} of {spec.size} bytes")
 
@@ -269,10 +275,10 @@ def _check_content_range(url: str, content_range: str, have: int) -> None:
         raise DownloadError(f"{url}: asked to resume at byte {have}, server answered from byte {start}")
 
 
-def _copy_response(url: str, response, fh: BinaryIO, bar: tqdm, timeout: float) -> None:
+def _copy_response(url: str, chunks: Iterator[bytes], fh: BinaryIO, bar: tqdm, timeout: float) -> None:
     received = 0
     try:
-        for chunk in _chunks(response):
+        for chunk in chunks:
             fh.write(chunk)
             bar.update(len(chunk))
             received += len(chunk)
@@ -286,6 +292,20 @@ def _copy_response(url: str, response, fh: BinaryIO, bar: tqdm, timeout: float) 
 
 def _chunks(response) -> Iterator[bytes]:
     while chunk := response.read(CHUNK_SIZE):
+        yield chunk
+
+
+def _capped(source: str, chunks: Iterator[bytes], start: int, size: int) -> Iterator[bytes]:
+    """`chunks` of a file whose first `start` bytes are already there, refused as soon as they would take it
+    past the manifest's `size`: the caller never writes a byte beyond it."""
+    total = start
+    for chunk in chunks:
+        total += len(chunk)
+        if total > size:
+            raise HashMismatch(
+                f"{source}: sent more than the manifest's {size} bytes; stopped reading and discarded the "
+                "download (the mirror holds another file, or the manifest is out of date)"
+            )
         yield chunk
 
 
@@ -303,7 +323,7 @@ def _progress(spec: FileSpec, initial: int, quiet: bool) -> tqdm:
 
 def _copy_into_part(source_path: Path, spec: FileSpec, part: Path, quiet: bool) -> None:
     with open(source_path, "rb") as src, open(part, "wb") as dst, _progress(spec, 0, quiet) as bar:
-        for chunk in iter(lambda: src.read(CHUNK_SIZE), b""):
+        for chunk in _capped(str(source_path), iter(lambda: src.read(CHUNK_SIZE), b""), 0, spec.size):
             dst.write(chunk)
             bar.update(len(chunk))
 
