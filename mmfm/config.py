@@ -108,6 +108,8 @@ class DataConfig:
     num_workers: int = 2
     on_error: str = "skip"           # skip | raise
     max_bad_fraction: float = 0.01
+    max_pixels: int = 64_000_000          # per image or video frame, read from the header; larger = bad sample
+    max_video_pixels: int = 300_000_000   # per clip: num_frames x H x W decoded pixels; larger = bad sample
 
 
 @dataclass
@@ -310,6 +312,9 @@ def validate(cfg: Config) -> None:
     _require_choice("objective.itc_positives", cfg.objective.itc_positives, ("image_id", "diagonal"))
     _require_choice("eval.rerank_score", cfg.eval.rerank_score, ("itm+itc", "itm"))
     _require_choice("data.on_error", cfg.data.on_error, ("skip", "raise"))
+    for key in ("max_pixels", "max_video_pixels"):
+        if getattr(cfg.data, key) < 1:
+            raise ConfigError(f"data.{key}={getattr(cfg.data, key)}: give a positive number of pixels")
 
 
 def _validate_loss_weights(cfg: Config) -> None:

@@ -33,6 +33,7 @@ from torch.utils.data import Dataset
 
 from mmfm.data.transforms import (
     DEFAULT_MAX_PIXELS,
+    DEFAULT_MAX_VIDEO_PIXELS,
     ImageTransform,
     UnreadableFile,
     load_image,
@@ -287,14 +288,17 @@ class AnnotationDataset(Dataset):
     `dataset[g]` accepts any int g (a global sample index from `EpochSampler`): the entry is `g % len`
     and all augmentation randomness comes from `numpy.random.default_rng([seed, g])`, so a sample is
     the same whatever the worker count or process RNG state. Unreadable media give a warning and a
-    falsy `BadSample` (on_error="skip") or a DataError (on_error="raise").
+    falsy `BadSample` (on_error="skip") or a DataError (on_error="raise"); so do media over the limits,
+    `max_pixels` per image or video frame and `max_video_pixels` per decoded clip (T x H x W, video
+    datasets), both checked from the file's header before decoding.
     """
 
     media_key = "image"
     required_keys: tuple[str, ...] = ()
 
     def __init__(self, ann_file, root=None, transform: ImageTransform | None = None, *, seed: int = 0,
-                 on_error: str = "skip", max_pixels: int = DEFAULT_MAX_PIXELS):
+                 on_error: str = "skip", max_pixels: int = DEFAULT_MAX_PIXELS,
+                 max_video_pixels: int = DEFAULT_MAX_VIDEO_PIXELS):
         if on_error not in ON_ERROR_MODES:
             raise ValueError(f"on_error must be one of {ON_ERROR_MODES}, got {on_error!r}")
         self.ann_file = "<annotation list>" if isinstance(ann_file, list) else str(ann_file)
@@ -303,7 +307,7 @@ class AnnotationDataset(Dataset):
         self.transform = transform or ImageTransform()
         self.seed = seed
         self.on_error = on_error
-        self.max_pixels = max_pixels
+        self.max_pixels, self.max_video_pixels = max_pixels, max_video_pixels
         if not self.entries:
             raise DataError(f"{self.ann_file}: no entries; point the config at a non-empty annotation file")
         for index, entry in enumerate(self.entries):

@@ -2,7 +2,9 @@
 
 Decoding (`load_image`) accepts every common PIL mode (grayscale, RGBA composited on black, palette,
 CMYK, 16-bit) and applies the EXIF orientation; an unreadable file or a decompression bomb raises
-`UnreadableFile`, which the datasets turn into a skipped sample (or a DataError).
+`UnreadableFile`, which the datasets turn into a skipped sample (or a DataError). A bomb is an image (or
+a video frame) over `max_pixels` (default `DEFAULT_MAX_PIXELS`, config key `data.max_pixels`), checked
+from the header before any pixel is decoded.
 
 `ImageTransform` splits every transform in two steps so that one random draw can be applied to
 several things: `sample(width, height, rng)` draws a `Geometry` (crop box, output size, flip) from a
@@ -32,7 +34,8 @@ from torchvision.transforms.v2 import functional as TF
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-DEFAULT_MAX_PIXELS = 64_000_000
+DEFAULT_MAX_PIXELS = 64_000_000  # per image or video frame (an 8000x8000 photo; 192 MB as RGB)
+DEFAULT_MAX_VIDEO_PIXELS = 300_000_000  # per decoded clip, frames x H x W: 8 frames of 8K or 32 of 4K (0.9 GB)
 
 
 class UnreadableFile(Exception):
@@ -63,24 +66,33 @@ def _decoding(path: str, what: str):
         raise UnreadableFile(path, f"cannot decode {what} ({type(err).__name__}: {err})") from None
 
 
-def _check_pixels(img: Image.Image, path: str, max_pixels: int) -> None:
-    if img.width * img.height > max_pixels:
-        raise UnreadableFile(path, f"decompression bomb: {img.width}x{img.height} pixels is more than "
-                                   f"the limit of {max_pixels} (data.max_pixels)")
+def check_frame_size(width: int, height: int, path: str, max_pixels: int) -> None:
+    """Raise UnreadableFile when one image / video frame of width x height is over `max_pixels`."""
+    if width * height > max_pixels:
+        raise UnreadableFile(path, f"decompression bomb: {width}x{height} pixels is more than the limit of "
+                                   f"{max_pixels} per image or frame (raise data.max_pixels in the config, "
+                                   f"or max_pixels= in the Python API, if the file is genuine)")
 
 
 def load_image(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode `path` to an RGB PIL image, EXIF orientation applied. Raises UnreadableFile."""
     with _decoding(path, "image"), Image.open(path) as img:
-        _check_pixels(img, path, max_pixels)
+        check_frame_size(img.width, img.height, path, max_pixels)
         img.load()
         return to_rgb(ImageOps.exif_transpose(img))
+
+
+def image_pixels(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> int:
+    """Width x height of an image from its header alone (nothing decoded). Raises UnreadableFile."""
+    with _decoding(path, "image"), Image.open(path) as img:
+        check_frame_size(img.width, img.height, path, max_pixels)
+        return img.width * img.height
 
 
 def load_mask(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode a class-id mask PNG (uint8 ids, 255 = ignore) as stored ("L" or "P"). Raises UnreadableFile."""
     with _decoding(path, "mask"), Image.open(path) as mask:
-        _check_pixels(mask, path, max_pixels)
+        check_frame_size(mask.width, mask.height, path, max_pixels)
         mask.load()
         return mask.copy() if mask.mode in ("L", "P") else mask.convert("L")
 

@@ -3,7 +3,7 @@
     mmfm index build --model M --images 'photos/*.jpg' --out idx/     # or --images DIR, --videos ...
     mmfm search --index idx/ --model M --text "a red circle" --k 10 --rerank 16 [--json]
     mmfm vqa --model M --image photo.png --question "what colour is the circle?"
-    mmfm serve --model M --index idx/ --host 127.0.0.1 --port 8000
+    mmfm serve --model M --index idx/ --host 127.0.0.1 --port 8000 [--max-decode-pixels N]
 
 M is a zoo name, a run directory or a .safetensors file. torch is imported only when a command runs.
 """
@@ -60,6 +60,9 @@ def register(subparsers) -> None:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--max-upload-mb", type=float, default=20)
     serve.add_argument("--batch-wait-ms", type=float, default=5)
+    serve.add_argument("--max-decode-pixels", type=int, default=None,
+                       help="pixels that concurrent uploads may decode at once; uploads past it wait "
+                            "(default: one video at the clip limit, 300000000)")
     serve.set_defaults(func=cmd_serve)
 
 
@@ -133,5 +136,5 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     pipe = _pipeline(args)
     index = Index.load(args.index, pipeline=pipe) if args.index else None
-    serve(pipe, index, args.host, args.port, args.max_upload_mb, args.batch_wait_ms)
+    serve(pipe, index, args.host, args.port, args.max_upload_mb, args.batch_wait_ms, args.max_decode_pixels)
     return 0

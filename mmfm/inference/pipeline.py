@@ -7,6 +7,9 @@
 
 Every file a user hands in is decoded here; an unreadable one raises `InputError` naming the file.
 Videos are recognised by their extension, or, for unknown extensions, by decord opening what PIL cannot.
+Files over the limits (`max_pixels` per image or video frame, `max_video_pixels` per decoded clip of
+`num_frames` frames) are refused from their headers, before decoding; `decoded_pixels` gives what a
+file's decoding will hold without decoding it (the server budgets concurrent uploads with it).
 """
 
 from __future__ import annotations
@@ -23,10 +26,12 @@ from tqdm import tqdm
 
 from mmfm.data.transforms import (
     DEFAULT_MAX_PIXELS,
+    DEFAULT_MAX_VIDEO_PIXELS,
     IMAGENET_MEAN,
     IMAGENET_STD,
     UnreadableFile,
     eval_transform,
+    image_pixels,
     load_image,
 )
 from mmfm.errors import InputError, ModelError
@@ -45,10 +50,10 @@ class Pipeline:
     """A model + its eval preprocessing on one device; encodes, indexes, searches and answers."""
 
     def __init__(self, model: MMFM, device: str | torch.device | None = None, name: str = "",
-                 max_pixels: int = DEFAULT_MAX_PIXELS):
+                 max_pixels: int = DEFAULT_MAX_PIXELS, max_video_pixels: int = DEFAULT_MAX_VIDEO_PIXELS):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = model.to(self.device).eval()
-        self.name, self.max_pixels = name, max_pixels
+        self.name, self.max_pixels, self.max_video_pixels = name, max_pixels, max_video_pixels
         pre = model.preprocess
         self.image_size = int(pre.get("image_size", model.cfg.img_size))
         self.num_frames = int(pre.get("num_frames", 8))
@@ -74,34 +79,50 @@ class Pipeline:
         try:
             return self.transform(load_image(str(path), self.max_pixels))
         except UnreadableFile as err:
-            raise InputError(f"image {path}: {err.reason}; pass a PNG/JPEG/WebP/BMP/TIFF image") from None
+            raise _image_error(path, err) from None
 
     def read_video(self, path: str | Path) -> torch.Tensor:
         """Decode ``num_frames`` uniformly sampled frames + transform -> (T, 3, H, W). Raises InputError."""
         from mmfm.data.video import load_clip
 
         try:
-            frames = load_clip(str(path), self.num_frames, "uniform")
+            frames = load_clip(str(path), self.num_frames, "uniform", None, self.max_pixels, self.max_video_pixels)
         except UnreadableFile as err:
-            raise InputError(f"video {path}: {err.reason}; pass a video decord/FFmpeg can read (MP4, AVI, ...)") \
-                from None
+            raise _video_error(path, err) from None
         geometry = self.transform.sample(frames.shape[2], frames.shape[1], None)
         return self.transform.frames(frames, geometry)
 
+    def decoded_pixels(self, path: str | Path, kind: str | None = None) -> tuple[str, int]:
+        """(kind, pixels decoding holds: W x H, or num_frames x W x H for a video) from the headers alone.
+
+        ``kind`` "image" / "video" or None (by extension, else image first, as `read_media`). Raises
+        InputError for unreadable files and files over the limits, before anything is decoded.
+        """
+        from mmfm.data.video import check_clip_size, probe_video
+
+        kind = kind or _kind_by_extension(path)
+        if kind is None:
+            return _first_readable(path, lambda k: self.decoded_pixels(path, k))
+        try:
+            if kind == "image":
+                return "image", image_pixels(str(path), self.max_pixels)
+            info = probe_video(str(path), self.max_pixels)
+            check_clip_size(self.num_frames, info.width, info.height, str(path), self.max_pixels,
+                            self.max_video_pixels)
+        except UnreadableFile as err:
+            raise (_image_error(path, err) if kind == "image" else _video_error(path, err)) from None
+        return "video", self.num_frames * info.width * info.height
+
+    def read(self, kind: str, path: str | Path) -> torch.Tensor:
+        """`read_image` (kind "image") or `read_video` (kind "video")."""
+        return self.read_image(path) if kind == "image" else self.read_video(path)
+
     def read_media(self, path: str | Path) -> tuple[str, torch.Tensor]:
         """("image" | "video", pixels) for a file: by extension, else image first, then video."""
-        suffix = Path(path).suffix.lower()
-        if suffix in VIDEO_EXTENSIONS:
-            return "video", self.read_video(path)
-        if suffix in IMAGE_EXTENSIONS:
-            return "image", self.read_image(path)
-        try:
-            return "image", self.read_image(path)
-        except InputError as image_error:
-            try:
-                return "video", self.read_video(path)
-            except InputError:
-                raise InputError(f"{path}: neither an image nor a video ({image_error})") from None
+        kind = _kind_by_extension(path)
+        if kind is not None:
+            return kind, self.read(kind, path)
+        return _first_readable(path, lambda k: (k, self.read(k, path)))
 
     # ---- encoding -------------------------------------------------------------------------------
 
@@ -209,6 +230,30 @@ class Pipeline:
             raise InputError(f"topk={topk!r}: must be a positive integer")
         _check_texts(questions, "question")
         return predict_answers(self.model, head, pixels, list(questions), topk)
+
+
+def _image_error(path, err: UnreadableFile) -> InputError:
+    return InputError(f"image {path}: {err.reason}; pass a PNG/JPEG/WebP/BMP/TIFF image")
+
+
+def _video_error(path, err: UnreadableFile) -> InputError:
+    return InputError(f"video {path}: {err.reason}; pass a video decord/FFmpeg can read (MP4, AVI, ...)")
+
+
+def _kind_by_extension(path) -> str | None:
+    suffix = Path(path).suffix.lower()
+    return "video" if suffix in VIDEO_EXTENSIONS else "image" if suffix in IMAGE_EXTENSIONS else None
+
+
+def _first_readable(path, attempt):
+    """attempt("image"), else attempt("video"); an InputError giving both reasons when neither works."""
+    try:
+        return attempt("image")
+    except InputError as image_error:
+        try:
+            return attempt("video")
+        except InputError as video_error:
+            raise InputError(f"{path}: neither an image ({image_error}) nor a video ({video_error})") from None
 
 
 def _check_texts(texts, field: str) -> None:

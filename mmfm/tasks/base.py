@@ -126,7 +126,8 @@ def transform(cfg: Config, train: bool):
 
 
 def dataset_kwargs(cfg: Config) -> dict:
-    return {"root": cfg.data.root, "seed": cfg.train.seed, "on_error": cfg.data.on_error}
+    return {"root": cfg.data.root, "seed": cfg.train.seed, "on_error": cfg.data.on_error,
+            "max_pixels": cfg.data.max_pixels, "max_video_pixels": cfg.data.max_video_pixels}
 
 
 def eval_loader(dataset: Dataset, cfg: Config) -> DataLoader:

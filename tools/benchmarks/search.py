@@ -25,8 +25,6 @@ REPO = Path(__file__).resolve().parents[2]
 
 def demo_model(untrained_answers: int = 32):
     """An untrained model of configs/demo_shapes.yaml (64 px) with VQA heads."""
-    from dataclasses import replace
-
     import torch
 
     from mmfm.config import load_config
@@ -37,7 +35,7 @@ def demo_model(untrained_answers: int = 32):
     answers = {"vqa": [f"answer {i}" for i in range(untrained_answers)], "video_qa": ["left", "right", "up", "down"]}
     preprocess = {"image_size": cfg.img_size, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
                   "num_frames": 8}
-    return MMFM(replace(cfg, answers=answers, preprocess=preprocess)).eval()
+    return MMFM(cfg, answers, preprocess).eval()
 
 
 def random_images(directory: Path, count: int, size: int = 64, seed: int = 0) -> list[str]:
