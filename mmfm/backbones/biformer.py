@@ -31,7 +31,14 @@ import re
 import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, LayerScale, Mlp, SelectAdaptivePool2d, trunc_normal_
+from timm.layers import (
+    DropPath,
+    LayerScale,
+    Mlp,
+    SelectAdaptivePool2d,
+    register_notrace_module,
+    trunc_normal_,
+)
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from torch import nn
@@ -76,7 +83,7 @@ def bra_gather(
     index = idx[..., None, None].expand(-1, -1, -1, T, kv.shape[-1])
     kv_sel = torch.gather(kv[:, None].expand(-1, R, -1, -1, -1), 2, index).flatten(2, 3)
     k_sel, v_sel = kv_sel.split([k.shape[-1], v.shape[-1]], dim=-1)
-    q, k_sel, v_sel = (_split_heads(t, num_heads) for t in (q, k_sel, v_sel))
+    q, k_sel, v_sel = _split_heads(q, num_heads), _split_heads(k_sel, num_heads), _split_heads(v_sel, num_heads)
     attn = ((q * scale) @ k_sel.transpose(-2, -1)).softmax(dim=-1)
     return _merge_heads(attn @ v_sel)
 
@@ -91,20 +98,21 @@ def bra_chunked(
     at most a quarter of K/V); each chunk gathers only its own routed regions and runs fused SDPA, which never
     builds the attention matrix. Results are written into one preallocated output.
     """
-    N, R, T, _ = q.shape
-    chunk = chunk or max(1, R // (4 * idx.shape[-1]))
+    N, R, T = q.shape[0], q.shape[1], q.shape[2]
+    step = max(1, R // (4 * idx.shape[-1])) if chunk is None or chunk == 0 else chunk
     batch = torch.arange(N, device=q.device)[:, None, None]
     out = q.new_empty(N, R, T, v.shape[-1])
-    for start in range(0, R, chunk):
-        sel = idx[:, start:start + chunk]  # (N, c, topk)
-        q_c = q[:, start:start + chunk]
-        k_c, v_c = k[batch, sel].flatten(2, 3), v[batch, sel].flatten(2, 3)  # (N, c, topk * T, C)
-        q_c, k_c, v_c = (_split_heads(t, num_heads).flatten(0, 1) for t in (q_c, k_c, v_c))
+    for start in range(0, R, step):
+        sel = idx[:, start:start + step]  # (N, c, topk)
+        q_c = _split_heads(q[:, start:start + step], num_heads).flatten(0, 1)
+        k_c = _split_heads(k[batch, sel].flatten(2, 3), num_heads).flatten(0, 1)  # (N c, heads, topk * T, C')
+        v_c = _split_heads(v[batch, sel].flatten(2, 3), num_heads).flatten(0, 1)
         o = F.scaled_dot_product_attention(q_c, k_c, v_c, scale=scale)
-        out[:, start:start + chunk] = _merge_heads(o).unflatten(0, (N, -1))
+        out[:, start:start + step] = _merge_heads(o).unflatten(0, (N, -1))
     return out
 
 
+@register_notrace_module  # reason: FX can't trace the padding to n_win and the region-chunk loop (input-size control flow)
 class BiLevelRoutingAttention(nn.Module):
     """Bi-level routing attention on NHWC maps (official `attn` keys: qkv, wo, lepe)."""
 
@@ -138,18 +146,21 @@ class BiLevelRoutingAttention(nn.Module):
         """Top-k region indices (N, R, topk) from region-mean q/k (N, R, T, C); not differentiable."""
         q_r, k_r = q.detach().mean(2), k.detach().mean(2)
         logits = (q_r * self.scale) @ k_r.transpose(-2, -1)
-        return logits.topk(self.topk, dim=-1).indices
+        return logits.topk(self.topk, dim=-1)[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _, H, W, _ = x.shape
+        H, W = x.shape[1], x.shape[2]
         pad_h, pad_w = -H % self.n_win, -W % self.n_win
-        if pad_h or pad_w:
+        if pad_h > 0 or pad_w > 0:
             x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
         h, w = (H + pad_h) // self.n_win, (W + pad_w) // self.n_win
         # project in region layout (as the official code): q, k, v are views, no per-tensor re-layout copies
         q, k, v = self.qkv(_to_regions(x, self.n_win)).split([self.qk_dim, self.qk_dim, self.dim], dim=-1)
-        attend = bra_gather if self.impl == 'gather' else bra_chunked
-        out = attend(q, k, v, self.route(q, k), self.num_heads, self.scale)
+        idx = self.route(q, k)
+        if self.impl == 'gather':
+            out = bra_gather(q, k, v, idx, self.num_heads, self.scale)
+        else:
+            out = bra_chunked(q, k, v, idx, self.num_heads, self.scale)
         lepe = self.lepe(_from_regions(v, self.n_win, h, w).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         out = _from_regions(out, self.n_win, h, w) + lepe
         return self.wo(out[:, :H, :W])
@@ -167,7 +178,7 @@ class AttentionLePE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         N, H, W, C = x.shape
-        q, k, v = self.qkv(x.reshape(N, H * W, C)).view(N, H * W, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = self.qkv(x.reshape(N, H * W, C)).view(N, H * W, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         out = _merge_heads(F.scaled_dot_product_attention(q, k, v)).view(N, H, W, C)  # scale head_dim ** -0.5
         return self.proj(out + self.lepe(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
 
@@ -289,11 +300,11 @@ class BiFormer(nn.Module):
             self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
-    def _forward_stage(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        x = self.downsample_layers[i](x)
+    def _forward_stage(self, downsample: nn.Module, stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        x = downsample(x)
         if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint_seq(self.stages[i], x)
-        return self.stages[i](x)
+            return checkpoint_seq(stage, x)
+        return stage(x)
 
     def forward_intermediates(
             self,
@@ -310,13 +321,14 @@ class BiFormer(nn.Module):
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         last_idx = len(self.stages) - 1
         intermediates = []
-        for i in range(max_index + 1 if stop_early else len(self.stages)):
-            x = self._forward_stage(i, x)
+        num_stages = max_index + 1 if stop_early else len(self.stages)
+        for i, (downsample, stage) in enumerate(zip(self.downsample_layers[:num_stages], self.stages[:num_stages])):
+            x = self._forward_stage(downsample, stage, x)
             if i in take_indices:
                 intermediates.append(self.norm(x) if norm and i == last_idx else x)
         if intermediates_only:
             return intermediates
-        return (self.norm(x) if i == last_idx else x), intermediates
+        return (self.norm(x) if num_stages - 1 == last_idx else x), intermediates
 
     def prune_intermediate_layers(
             self,
@@ -338,8 +350,14 @@ class BiFormer(nn.Module):
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        for i in range(len(self.stages)):
-            x = self._forward_stage(i, x)
+        # zip over the ModuleLists, inlined: TorchScript can neither index them with a loop variable nor pass
+        # modules to a method
+        for downsample, stage in zip(self.downsample_layers, self.stages):
+            x = downsample(x)
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint_seq(stage, x)
+            else:
+                x = stage(x)
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:

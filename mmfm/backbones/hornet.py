@@ -26,12 +26,43 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, LayerNorm2d, NormMlpClassifierHead, calculate_drop_path_rates, trunc_normal_
+from timm.layers import (
+    DropPath,
+    LayerNorm2d,
+    NormMlpClassifierHead,
+    calculate_drop_path_rates,
+    register_notrace_function,
+    trunc_normal_,
+)
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models import load_pretrained as timm_load_pretrained
 from timm.models._features import feature_take_indices
 from torch import nn
 
 __all__ = ['HorNet']
+
+
+def _global_filter_fp32(x: torch.Tensor, complex_weight: torch.Tensor) -> torch.Tensor:
+    """ x * filter in the rfft2 domain, computed in fp32 (no FFT kernels for bf16), cast back to x's dtype. """
+    H, W = x.shape[-2], x.shape[-1]
+    freq = torch.fft.rfft2(x.float(), dim=(2, 3), norm='ortho')
+    weight = complex_weight.float()
+    if weight.shape[1:3] != freq.shape[2:4]:
+        weight = F.interpolate(
+            weight.permute(3, 0, 1, 2), size=freq.shape[2:4], mode='bilinear', align_corners=True,
+        ).permute(1, 2, 3, 0)
+    freq = freq * torch.view_as_complex(weight.contiguous())
+    return torch.fft.irfft2(freq, s=(H, W), dim=(2, 3), norm='ortho').to(x.dtype)
+
+
+@register_notrace_function  # reason: the weights are resized to the input's size (shape-dependent control flow)
+def global_filter(x: torch.Tensor, complex_weight: torch.Tensor) -> torch.Tensor:
+    """ The global filter in fp32 whatever autocast says (TorchScript runs no autocast, so no context there). """
+    if torch.jit.is_scripting():
+        return _global_filter_fp32(x, complex_weight)
+    else:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return _global_filter_fp32(x, complex_weight)
 
 
 class GlobalLocalFilter(nn.Module):
@@ -48,18 +79,7 @@ class GlobalLocalFilter(nn.Module):
         self.post_norm = LayerNorm2d(dim, eps=1e-6)
 
     def global_filter(self, x: torch.Tensor) -> torch.Tensor:
-        """ x * filter in the rfft2 domain, in fp32 (no FFT kernels for bf16) whatever autocast says. """
-        H, W = x.shape[-2:]
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            freq = torch.fft.rfft2(x.float(), dim=(2, 3), norm='ortho')
-            weight = self.complex_weight.float()
-            if weight.shape[1:3] != freq.shape[2:4]:
-                weight = F.interpolate(
-                    weight.permute(3, 0, 1, 2), size=freq.shape[2:4], mode='bilinear', align_corners=True,
-                ).permute(1, 2, 3, 0)
-            freq = freq * torch.view_as_complex(weight.contiguous())
-            out = torch.fft.irfft2(freq, s=(H, W), dim=(2, 3), norm='ortho')
-        return out.to(x.dtype)
+        return global_filter(x, self.complex_weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pre_norm(x)
@@ -100,8 +120,8 @@ class GnConv(nn.Module):
         p, q = self.proj_in(x).split((self.dims[0], sum(self.dims)), dim=1)
         q = (self.dwconv(q) * self.scale).split(self.dims, dim=1)
         x = p * q[0]
-        for pw, gate in zip(self.pws, q[1:]):
-            x = pw(x) * gate
+        for i, pw in enumerate(self.pws):  # indexing q, not zip(pws, q[1:]): TorchScript and FX friendly
+            x = pw(x) * q[i + 1]
         return self.proj_out(x)
 
 
@@ -248,11 +268,22 @@ class HorNet(nn.Module):
         self.head.reset(num_classes, global_pool, reset_other=reset_other, in_features=self.num_features)
         self.head_hidden_size = self.head.num_features
 
-    def _run_stage(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        x = self.downsample_layers[i](x)
+    def _run_stage(self, downsample: nn.Module, stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        x = downsample(x)
         if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint_seq(self.stages[i], x)
-        return self.stages[i](x)
+            return checkpoint_seq(stage, x)
+        return stage(x)
+
+    @torch.jit.ignore
+    def load_pretrained(self, checkpoint_path: str) -> None:
+        """ Load an official or timm-layout checkpoint file (timm's `custom_load` hook, see `_official`):
+        timm's `load_pretrained` on the file, so the classifier and input conv are adapted as for any
+        timm model when num_classes / in_chans differ. """
+        cfg = dict(self.pretrained_cfg, file=checkpoint_path, url=None, custom_load=False)
+        timm_load_pretrained(
+            self, cfg, num_classes=self.num_classes, in_chans=self.downsample_layers[0][0].in_channels,
+            filter_fn=checkpoint_filter_fn,
+        )
 
     def forward_intermediates(
             self,
@@ -272,8 +303,8 @@ class HorNet(nn.Module):
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         num_stages = max_index + 1 if stop_early else len(self.stages)
         intermediates = []
-        for i in range(num_stages):
-            x = self._run_stage(i, x)
+        for i, (downsample, stage) in enumerate(zip(self.downsample_layers[:num_stages], self.stages[:num_stages])):
+            x = self._run_stage(downsample, stage, x)
             if i in take_indices:
                 intermediates.append(x)
         if intermediates_only:
@@ -298,8 +329,14 @@ class HorNet(nn.Module):
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        for i in range(len(self.stages)):
-            x = self._run_stage(i, x)
+        # zip over the ModuleLists (TorchScript cannot index them with a loop variable); inlined, as
+        # TorchScript cannot pass modules to a method either
+        for downsample, stage in zip(self.downsample_layers, self.stages):
+            x = downsample(x)
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint_seq(stage, x)
+            else:
+                x = stage(x)
         return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -335,7 +372,7 @@ def _create_hornet(variant: str, pretrained: bool = False, **kwargs) -> HorNet:
     )
 
 
-def _cfg(url: str = '', **kwargs) -> dict:
+def _cfg(url: str | tuple[str, str] = '', **kwargs) -> dict:
     return {
         'url': url,
         'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
@@ -347,10 +384,18 @@ def _cfg(url: str = '', **kwargs) -> dict:
     }
 
 
+def _official(share_id: str, file_name: str) -> dict:
+    """ An official release on Tsinghua Cloud. Its link ends in `/?dl=1`, from which torch.hub would derive an
+    empty file name (and try to load the cache directory), so the url is timm's (url, file name) pair; that
+    form is downloaded by `download_cached_file`, timm's `custom_load` path, which hands the file to
+    `HorNet.load_pretrained` (the official layout goes through `checkpoint_filter_fn` there). """
+    return {'url': (f'https://cloud.tsinghua.edu.cn/f/{share_id}/?dl=1', file_name), 'custom_load': True}
+
+
 default_cfgs = generate_default_cfgs({
-    'hornet_tiny_7x7.in1k': _cfg(url='https://cloud.tsinghua.edu.cn/f/762f05c3c8cd4743b534/?dl=1'),
-    'hornet_tiny_gf.in1k': _cfg(url='https://cloud.tsinghua.edu.cn/f/395dd6c443ed4a339739/?dl=1'),
-    'hornet_small_7x7.in1k': _cfg(url='https://cloud.tsinghua.edu.cn/f/9d7043023da14e4b8b2e/?dl=1'),
+    'hornet_tiny_7x7.in1k': _cfg(**_official('762f05c3c8cd4743b534', 'hornet_tiny_7x7.pth')),
+    'hornet_tiny_gf.in1k': _cfg(**_official('395dd6c443ed4a339739', 'hornet_tiny_gf.pth')),
+    'hornet_small_7x7.in1k': _cfg(**_official('9d7043023da14e4b8b2e', 'hornet_small_7x7.pth')),
 })
 
 # GF filter sizes at 224 px: stage 3 is 14x14 (rfft width 14 // 2 + 1 = 8), stage 4 is 7x7 (width 4).

@@ -41,13 +41,18 @@ Changes from the original code:
   (strides 4, 8, 16, 32, 32). The stride-8/4 decoder maps are not listed there because timm's
   FeatureInfo requires non-decreasing strides; the stride-4 one is `forward_features`.
 """
-from collections.abc import Sequence
-
 import timm
 import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import ConvNormAct, DropPath, LayerScale2d, calculate_drop_path_rates, trunc_normal_
+from timm.layers import (
+    ConvNormAct,
+    DropPath,
+    LayerScale2d,
+    calculate_drop_path_rates,
+    register_notrace_function,
+    trunc_normal_,
+)
 from timm.models import build_model_with_cfg, checkpoint, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from torch import nn
@@ -55,8 +60,15 @@ from torch import nn
 __all__ = ['P2AT']
 
 
-def _resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    if tuple(x.shape[-2:]) == tuple(size):
+def _check_no_pool(global_pool: str | None) -> None:
+    if global_pool:
+        raise ValueError(f"P2AT predicts a dense map and has no global pooling: global_pool must be '' or None, "
+                         f"got {global_pool!r}")
+
+
+@register_notrace_function  # reason: FX can't trace the size comparison; a public name, as FX autowraps no `_name`
+def resize_to(x: torch.Tensor, size: list[int]) -> torch.Tensor:
+    if list(x.shape[-2:]) == list(size):
         return x
     return F.interpolate(x, size=size, mode='bilinear', align_corners=False)
 
@@ -108,18 +120,20 @@ class PyramidAxialAttention(nn.Module):
             ConvNormAct(dim, dim, 3, groups=dim),
         )
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, axis: int) -> torch.Tensor:
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """ Self-attention along one spatial axis of (B, C, L) sequences squeezed from the other axis. """
         B, _, L = q.shape
-        q, k = self.pos_q[axis](q), self.pos_k[axis](k)
-        q, k, v = (t.reshape(B, self.num_heads, -1, L).transpose(-1, -2) for t in (q, k, v))
+        q = q.reshape(B, self.num_heads, -1, L).transpose(-1, -2)
+        k = k.reshape(B, self.num_heads, -1, L).transpose(-1, -2)
+        v = v.reshape(B, self.num_heads, -1, L).transpose(-1, -2)
         out = F.scaled_dot_product_attention(q, k, v)
         return out.transpose(-1, -2).reshape(B, self.v_dim, L)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv(self.pyramid(x)).split([self.qk_dim, self.qk_dim, self.v_dim], dim=1)
-        rows = self._attend(q.mean(-1), k.mean(-1), v.mean(-1), axis=0)  # (B, Cv, H)
-        cols = self._attend(q.mean(-2), k.mean(-2), v.mean(-2), axis=1)  # (B, Cv, W)
+        # position embeddings by literal index: TorchScript cannot index a ModuleList with a variable
+        rows = self._attend(self.pos_q[0](q.mean(-1)), self.pos_k[0](k.mean(-1)), v.mean(-1))  # (B, Cv, H)
+        cols = self._attend(self.pos_q[1](q.mean(-2)), self.pos_k[1](k.mean(-2)), v.mean(-2))  # (B, Cv, W)
         out = v + rows.unsqueeze(-1) + cols.unsqueeze(-2)
         return self.proj(out) * self.detail(x)
 
@@ -193,8 +207,8 @@ class BiFusion(nn.Module):
 
     def forward(self, detail: torch.Tensor, skip: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         d = self.detail(detail)
-        s = _resize(self.skip(skip), d.shape[-2:])
-        u = _resize(self.up(up), d.shape[-2:])
+        s = resize_to(self.skip(skip), d.shape[-2:])
+        u = resize_to(self.up(up), d.shape[-2:])
         return self.fuse(torch.cat([d, s, u], dim=1)) + s * u + d * s.sigmoid()
 
 
@@ -208,8 +222,8 @@ class MultiScaleFusion(nn.Module):
 
     def forward(self, fine: torch.Tensor, mid: torch.Tensor, deep: torch.Tensor) -> torch.Tensor:
         size = fine.shape[-2:]
-        x = self.fuse_mid(torch.cat([fine, _resize(mid, size)], dim=1))
-        return self.fuse_deep(torch.cat([x, _resize(deep, size)], dim=1))
+        x = self.fuse_mid(torch.cat([fine, resize_to(mid, size)], dim=1))
+        return self.fuse_deep(torch.cat([x, resize_to(deep, size)], dim=1))
 
 
 class SegHead(nn.Module):
@@ -230,6 +244,13 @@ class SegHead(nn.Module):
 class P2AT(nn.Module):
     """ P2AT segmentation network: ResNet encoder, PPAA context, BiF decoder, segmentation head.
 
+    timm's model interface with a dense (segmentation) output, where a classifier returns (B, num_classes):
+    * `forward(x)`: logits (B, num_classes, H, W) at the input size; with num_classes=0, the pre-logits map
+      (B, num_features, H/4, W/4), as `forward_head(forward_features(x), pre_logits=True)`.
+    * `forward_features(x)`: the fused decoder map (B, num_features, H/4, W/4) (NCHW, `pool_size` None:
+      no pooled size); `forward_head(x, pre_logits, size)`: the head, resized to `size` if given.
+    * `reset_classifier(n)` / `get_classifier()`: the 1x1 classifier conv (`head.fc`, the cfg `classifier`);
+      `global_pool` is accepted as '' / None only.
     Intermediate maps (`forward_intermediates`, `features_only`), in order: encoder stages
     (stride 4, 8, 16, 32), then the PPAA context (stride 32, `embed_dim` channels).
     """
@@ -246,6 +267,7 @@ class P2AT(nn.Module):
             mlp_ratio: float = 4.,
             drop_path_rate: float = 0.,
             pretrained_encoder: bool = False,
+            global_pool: str = '',
     ):
         """
         Args:
@@ -258,8 +280,10 @@ class P2AT(nn.Module):
             mlp_ratio: PPAA MLP expansion.
             drop_path_rate: stochastic depth over the PPAA blocks.
             pretrained_encoder: load timm's ImageNet weights into the encoder (needs the HF hub).
+            global_pool: only '' (timm's keyword for "no pooling"; a dense model has none).
         """
         super().__init__()
+        _check_no_pool(global_pool)
         self.num_classes = num_classes
         self.num_features = self.head_hidden_size = embed_dim
         self.grad_checkpointing = False
@@ -303,33 +327,43 @@ class P2AT(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.head.fc
 
-    def reset_classifier(self, num_classes: int):
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None):
+        """ New 1x1 classifier conv (none for 0); `global_pool` only '' / None: a dense model has no pooling. """
+        _check_no_pool(global_pool)
         self.num_classes = num_classes
         self.head.fc = nn.Conv2d(self.num_features, num_classes, 1) if num_classes > 0 else nn.Identity()
 
-    def _run(self, module: nn.Module, *args: torch.Tensor) -> torch.Tensor:
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint(module, *args)
-        return module(*args)
-
+    # Gradient checkpointing wraps each module call. The `if self.grad_checkpointing and not
+    # torch.jit.is_scripting()` tests are spelled out at each call site because TorchScript drops such a branch
+    # only when the test is written in it (and cannot pass modules to a helper method).
     def _encode(self, x: torch.Tensor, last_index: int = 4) -> list[torch.Tensor]:
         """ Encoder stage maps, then the PPAA context map, up to `last_index`. """
-        x = self._run(self.stem, x)
-        maps = []
-        for stage in self.stages[:last_index + 1]:
-            x = self._run(stage, x)
-            maps.append(x)
+        x = checkpoint(self.stem, x) if self.grad_checkpointing and not torch.jit.is_scripting() else self.stem(x)
+        maps: list[torch.Tensor] = []
+        for i, stage in enumerate(self.stages):
+            if i <= last_index:
+                x = checkpoint(stage, x) if self.grad_checkpointing and not torch.jit.is_scripting() else stage(x)
+                maps.append(x)
         if last_index == 4:
-            maps.append(self._run(self.context, self.reduce(x)))
+            x = self.reduce(x)
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                maps.append(checkpoint(self.context, x))
+            else:
+                maps.append(self.context(x))
         return maps
 
     def _decode(self, maps: list[torch.Tensor]) -> torch.Tensor:
         """ BiF decoder: encoder stage maps + context -> fused stride-4 map. """
-        e4, e8, e16, _, context = maps
-        p32 = self._run(self.dec32, context)
-        p8 = self._run(self.dec8, self._run(self.bif8, e8, e16, p32))
-        p4 = self._run(self.dec4, self._run(self.bif4, e4, e8, p8))
-        return self._run(self.fusion, p4, p8, p32)
+        e4, e8, e16, context = maps[0], maps[1], maps[2], maps[4]
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            p32 = checkpoint(self.dec32, context)
+            p8 = checkpoint(self.dec8, checkpoint(self.bif8, e8, e16, p32))
+            p4 = checkpoint(self.dec4, checkpoint(self.bif4, e4, e8, p8))
+            return checkpoint(self.fusion, p4, p8, p32)
+        p32 = self.dec32(context)
+        p8 = self.dec8(self.bif8(e8, e16, p32))
+        p4 = self.dec4(self.bif4(e4, e8, p8))
+        return self.fusion(p4, p8, p32)
 
     def forward_intermediates(
             self,
@@ -384,11 +418,17 @@ class P2AT(nn.Module):
             self,
             x: torch.Tensor,
             pre_logits: bool = False,
-            size: Sequence[int] | None = None,
+            size: list[int] | None = None,
     ) -> torch.Tensor:
-        """ Segmentation logits at the feature resolution, or bilinearly resized to `size`. """
+        """ Segmentation logits at the feature resolution, or bilinearly resized to `size`.
+
+        Without a classifier (num_classes=0) this is the pre-logits map, never resized (timm: a model with
+        its classifier removed returns what `forward_head(pre_logits=True)` does).
+        """
         x = self.head(x, pre_logits=pre_logits)
-        return x if pre_logits or size is None else _resize(x, size)
+        if pre_logits or self.num_classes == 0 or size is None:
+            return x
+        return resize_to(x, size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x), size=x.shape[-2:])
