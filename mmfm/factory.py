@@ -16,7 +16,7 @@ from torch import nn
 from mmfm.architectures import list_architectures
 from mmfm.config import model_config
 from mmfm.errors import ConfigError, ModelError
-from mmfm.models.io import build_model, build_stored, load_model, read_info
+from mmfm.models.io import build_model, build_stored, load_model, load_weights, read_info
 
 
 def list_models(pretrained: bool = True, task: str | None = None) -> list[str]:
@@ -76,15 +76,8 @@ def _from_zoo(name: str, pretrained, attention_backend: str) -> nn.Module:
 
 def _weights_into(arch: dict, where: str, path: Path, attention_backend: str) -> nn.Module:
     """Weights of a file (any answer lists it stores) in a zoo entry's architecture, strictly."""
-    from safetensors.torch import load_model as load_safetensors
-
     info = read_info(path)
-    model = build_stored(arch, where, info.answers, info.preprocess, attention_backend)
-    try:
-        load_safetensors(model, str(path), strict=True)
-    except (RuntimeError, OSError, ValueError) as err:
-        raise ModelError(f"{path}: weights do not fit the architecture: {err}") from None
-    return model.eval()
+    return load_weights(build_stored(arch, where, info.answers, info.preprocess, attention_backend), path)
 
 
 def _arch(block: dict):

@@ -80,15 +80,19 @@ def build_model(arch, answers: dict | None = None, preprocess: dict | None = Non
 def load_model(path: str | Path, attention_backend: str = "auto") -> nn.Module:
     """The model saved by ``save_model`` at ``path`` (a file, or a run directory holding model.safetensors),
     rebuilt from its metadata and loaded strictly, in eval mode."""
-    from safetensors.torch import load_model as load_safetensors
-
     path = checkpoint_file(path)
     info = read_info(path)
-    model = build_stored(info.arch, path, info.answers, info.preprocess, attention_backend)
+    return load_weights(build_stored(info.arch, path, info.answers, info.preprocess, attention_backend), path)
+
+
+def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
+    """``model`` with the weights of the safetensors file ``path``, loaded strictly, in eval mode."""
+    from safetensors.torch import load_model as load_safetensors
+
     try:
         load_safetensors(model, str(path), strict=True)
     except (RuntimeError, OSError, ValueError, SafetensorError) as err:
-        raise ModelError(f"{path}: weights do not fit the architecture in its metadata: {err}") from None
+        raise ModelError(f"{path}: weights do not fit the architecture they are loaded into: {err}") from None
     return model.eval()
 
 
