@@ -19,11 +19,14 @@ class FeatureQueue(nn.Module):
     def __init__(self, size: int, dim: int):
         super().__init__()
         self.size = size
-        self.register_buffer("vision", torch.zeros(size, dim))
-        self.register_buffer("text", torch.zeros(size, dim))
-        self.register_buffer("ids", torch.full((size,), -1, dtype=torch.long))
-        self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
-        self.register_buffer("filled", torch.zeros((), dtype=torch.long))
+        # An empty queue stays out of checkpoints: accelerate's safetensors save takes its zero-size buffers
+        # for tensors sharing storage and drops them, and the strict load on resume then misses them.
+        persistent = size > 0
+        self.register_buffer("vision", torch.zeros(size, dim), persistent=persistent)
+        self.register_buffer("text", torch.zeros(size, dim), persistent=persistent)
+        self.register_buffer("ids", torch.full((size,), -1, dtype=torch.long), persistent=persistent)
+        self.register_buffer("ptr", torch.zeros((), dtype=torch.long), persistent=persistent)
+        self.register_buffer("filled", torch.zeros((), dtype=torch.long), persistent=persistent)
 
     @torch.no_grad()
     def enqueue(self, vision: torch.Tensor, text: torch.Tensor, ids: torch.Tensor) -> None:
