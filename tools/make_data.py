@@ -2,7 +2,9 @@
 
 `shapes` writes the ShapesWorld corpus (see docs/data.md). With `--if-missing` it returns at once when
 DIR already holds a corpus made with the same parameters; with `--preview-dir` it also draws the
-sample sheets used by the docs (shapes_grid.png, shapes_video.png).
+sample sheets used by the docs (shapes_grid.png, shapes_video.png). With `--shards` it also writes the
+train split as webdataset shards, DIR/shards/*.tar (images) and DIR/video_shards/*.tar (videos), reusing
+a corpus already there with the same parameters (and shards finished by an earlier run).
 """
 
 import argparse
@@ -112,6 +114,19 @@ def _wrap(text: str, width: int) -> str:
     return "\n".join(lines + [line])
 
 
+def _write_shards(args: argparse.Namespace) -> None:
+    started = time.perf_counter()
+    workers = (os.cpu_count() or 1) if args.workers is None else args.workers
+    try:
+        manifests = shapes.write_shards(args.out, workers, args.shard_size, quiet=not sys.stderr.isatty())
+    except DataError as err:
+        raise SystemExit(f"make_data.py shapes: {err}") from None
+    for folder, manifest in manifests.items():
+        shards = len(manifest["shards"])
+        print(f"{args.out / folder}: {manifest['samples']} {manifest['kind']}s in {shards} shards")
+    print(f"shards written in {time.perf_counter() - started:.2f} s")
+
+
 def shapes_command(args: argparse.Namespace) -> int:
     params = {
         "images": args.images,
@@ -120,8 +135,9 @@ def shapes_command(args: argparse.Namespace) -> int:
         "frames": args.frames,
         "seed": args.seed,
     }
-    if args.if_missing and _existing_params(args.out) == params:
-        print(f"ShapesWorld already in {args.out} (same parameters); nothing to do")
+    if (args.if_missing or args.shards) and _existing_params(args.out) == params:
+        then = "only writing its shards" if args.shards else "nothing to do"
+        print(f"ShapesWorld already in {args.out} (same parameters); {then}")
     else:
         workers = (os.cpu_count() or 1) if args.workers is None else args.workers
         started = time.perf_counter()
@@ -130,6 +146,8 @@ def shapes_command(args: argparse.Namespace) -> int:
         except DataError as err:
             raise SystemExit(f"make_data.py shapes: {err}") from None
         _print_summary(summary, time.perf_counter() - started, workers)
+    if args.shards:
+        _write_shards(args)
     if args.preview_dir:
         args.preview_dir.mkdir(parents=True, exist_ok=True)
         write_grid_preview(args.out, args.preview_dir / "shapes_grid.png")
@@ -151,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     p.add_argument("--if-missing", action="store_true", help="do nothing if DIR holds the same corpus")
     p.add_argument("--preview-dir", type=Path, help="also write the docs sample sheets here")
+    p.add_argument("--shards", action="store_true", help="also write the train split as webdataset shards")
+    p.add_argument("--shard-size", type=int, help="samples per shard (default: >= 8 shards, <= 1000 each)")
     p.set_defaults(run=shapes_command)
     return parser
 

@@ -850,3 +850,38 @@ def generate(
     }
     _write_json(out_dir / "annotations" / "summary.json", summary)
     return summary
+
+
+# ---------------------------------------------------------------- webdataset shards of the train split
+
+SHARD_SETS = {  # folder: (what it holds, its annotation files)
+    "shards": ("images", ("pretrain.json", "vqa_train.json")),
+    "video_shards": ("videos", ("video_train.json", "videoqa_train.json")),
+}
+MIN_SHARDS = 8  # so that 8 loader workers or ranks each get a shard
+MAX_SHARD_SIZE = 1000
+
+
+def write_shards(data_dir, workers: int = 1, shard_size: int | None = None,
+                 quiet: bool = True) -> dict[str, dict]:
+    """Write the train split of the corpus in `data_dir` as webdataset shards: `shards/` (images, their
+    captions and VQA questions) and `video_shards/` (videos, captions, video QA). Returns each set's manifest.
+
+    The default shard size gives at least `MIN_SHARDS` shards per set (at most 1000 samples each). Shards
+    a previous call finished from the same annotations are kept (see `mmfm.data.convert`).
+    """
+    from mmfm.data import convert  # it imports torch (through the datasets); generating needs no torch
+
+    data_dir = Path(data_dir)
+    counts = json.loads((data_dir / "annotations" / "summary.json").read_text())["counts"]["train"]
+    manifests = {}
+    for folder, (kind, names) in SHARD_SETS.items():
+        if not counts[kind]:
+            continue
+        files = [data_dir / "annotations" / name for name in names]
+        records, bad = convert.read_source(files, "albef", root=data_dir)
+        size = shard_size or max(1, min(MAX_SHARD_SIZE, math.ceil(len(records) / MIN_SHARDS)))
+        manifests[folder], _ = convert.write_shards(records, data_dir / folder,
+                                                    source=", ".join(map(str, files)), shard_size=size,
+                                                    workers=workers, bad=bad, quiet=quiet)
+    return manifests
