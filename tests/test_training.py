@@ -92,6 +92,16 @@ def test_killed_run_resumes_to_identical_weights(tmp_path, tiny_overrides):
                 assert abs(mine[key] - theirs[key]) < 1e-3, (mine["step"], key)
 
 
+def test_a_run_without_momentum_queue_resumes(tmp_path, tiny_overrides):
+    """The demo's setting (queue_size 0): an empty queue once went missing from checkpoints and broke resume."""
+    overrides = tiny_overrides + ["objective.momentum=0", "objective.queue_size=0", "train.save_every=2",
+                                  "train.tasks={image_text: 1.0}"]
+    assert _train(tmp_path / "r", overrides + ["train.max_steps=2"], "--no-eval").returncode == 0
+    resumed = _train(tmp_path / "r", overrides + ["train.max_steps=4"], "--no-eval", "--resume", "latest")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [r["step"] for r in _history(tmp_path / "r")] == [1, 2, 3, 4]
+
+
 def test_resume_rejects_a_path_that_is_not_a_checkpoint(tmp_path, tiny_overrides):
     result = _train(tmp_path / "r", tiny_overrides + ["train.max_steps=2"], "--resume", str(tmp_path))
     assert result.returncode == 2 and "not a checkpoint directory" in result.stderr
