@@ -110,6 +110,11 @@ class DataConfig:
     max_bad_fraction: float = 0.01
     max_pixels: int = 64_000_000          # per image or video frame, read from the header; larger = bad sample
     max_video_pixels: int = 300_000_000   # per clip: num_frames x H x W decoded pixels; larger = bad sample
+    # webdataset shards: [{shards: PATTERN, weight: W, task: NAME}, ...]; a task with sources streams them
+    # (mixed by weight) instead of reading its annotation file (mmfm/data/shards.py, docs/training.md)
+    sources: list = field(default_factory=list)
+    shard_mode: str = "epoch"        # epoch: every sample once per epoch, exact resume | resampled: with replacement
+    shuffle_buffer: int = 1000       # raw records per reader held for shuffling (memory: records x their size)
 
 
 @dataclass
@@ -120,6 +125,9 @@ class TrainConfig:
     video_batch_size: int = 0        # global batch of video streams (0 = batch_size)
     lr: float = 1e-4
     fusion_lr_scale: float = 1.0     # lr multiplier of the fusion layers and the ITM / answer heads
+    layer_decay: float = 1.0         # layer-wise lr decay: lr * layer_decay ** (layers between it and the heads)
+    freeze: list = field(default_factory=list)  # model parts left untrained (mmfm.models.model.PARTS)
+    ema_decay: float = 0.0           # > 0: model.safetensors holds an EMA of the weights (timm ModelEmaV3)
     weight_decay: float = 0.02
     warmup_steps: int = 100
     max_steps: int = 1000
@@ -302,6 +310,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.precision={cfg.train.precision!r}: use fp32 or bf16")
     if cfg.train.fusion_lr_scale <= 0:
         raise ConfigError(f"train.fusion_lr_scale={cfg.train.fusion_lr_scale}: must be > 0 (1 = the base lr)")
+    _validate_finetune(cfg)
     if cfg.objective.queue_size > 0 and cfg.objective.momentum <= 0:
         # Measured: without the EMA teacher the queue holds stale online features that the drifting encoder
         # separates trivially, the temperature falls to its 0.001 clamp and ITC stays at chance.
@@ -312,6 +321,7 @@ def validate(cfg: Config) -> None:
     _require_choice("objective.itc_positives", cfg.objective.itc_positives, ("image_id", "diagonal"))
     _require_choice("eval.rerank_score", cfg.eval.rerank_score, ("itm+itc", "itm"))
     _require_choice("data.on_error", cfg.data.on_error, ("skip", "raise"))
+    _validate_sources(cfg)
     for key in ("max_pixels", "max_video_pixels"):
         if getattr(cfg.data, key) < 1:
             raise ConfigError(f"data.{key}={getattr(cfg.data, key)}: give a positive number of pixels")
@@ -326,6 +336,52 @@ def _validate_loss_weights(cfg: Config) -> None:
             raise ConfigError(f"objective.loss_weights.{term}={weight!r}: give a number >= 0")
     if cfg.objective.loss_weights.get("words", 0) > 0 and not getattr(cfg.model, "word_head", False):
         raise ConfigError("objective.loss_weights.words > 0 needs model.word_head=true (the head it trains)")
+
+
+SOURCE_KEYS = ("shards", "weight", "task")
+
+
+def _validate_sources(cfg: Config) -> None:
+    """``data.sources`` entries: a shard pattern, a positive weight, a task that train.tasks trains."""
+    _require_choice("data.shard_mode", cfg.data.shard_mode, ("epoch", "resampled"))
+    if cfg.data.shuffle_buffer < 0:
+        raise ConfigError(f"data.shuffle_buffer={cfg.data.shuffle_buffer}: give a number of records >= 0")
+    for k, source in enumerate(cfg.data.sources):
+        where = f"data.sources[{k}]"
+        if not isinstance(source, dict):
+            raise ConfigError(f"{where} must be a mapping like {{shards: DIR/{{00000..00009}}.tar, weight: 1.0, "
+                              f"task: image_text}}, got {source!r}")
+        for key in source:
+            if key not in SOURCE_KEYS:
+                raise ConfigError(f"{where}.{key}: unknown key; use {', '.join(SOURCE_KEYS)}"
+                                  f"{_closest(key, SOURCE_KEYS)}")
+        if not isinstance(source.get("shards"), (str, list)) or not source["shards"]:
+            raise ConfigError(f"{where}.shards: give a shard pattern (a directory, glob, brace pattern or URL)")
+        weight = source.setdefault("weight", 1.0)
+        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not weight > 0:
+            raise ConfigError(f"{where}.weight={weight!r}: the mixing weight must be a number > 0")
+        task = source.setdefault("task", "image_text")
+        if task not in cfg.train.tasks:
+            raise ConfigError(f"{where}.task={task!r} is not trained by this run; add it to train.tasks "
+                              f"({', '.join(cfg.train.tasks)})")
+
+
+def _validate_finetune(cfg: Config) -> None:
+    """``train.layer_decay`` in (0, 1], ``train.ema_decay`` in [0, 1), ``train.freeze`` names parts of the model."""
+    from mmfm.models.model import PARTS
+
+    train = cfg.train
+    if not 0 < train.layer_decay <= 1:
+        raise ConfigError(f"train.layer_decay={train.layer_decay}: give a number in (0, 1] (1 = no layer decay, "
+                          "0.65-0.85 is usual for fine-tuning)")
+    if not 0 <= train.ema_decay < 1:
+        raise ConfigError(f"train.ema_decay={train.ema_decay}: give a number in [0, 1) (0 = no EMA, e.g. 0.999)")
+    parts = PARTS if cfg.model.family == "mmfm" else ()
+    for name in train.freeze:
+        if name not in parts:
+            choices = f"use {', '.join(parts)}" if parts else f"a {cfg.model.family} model declares no parts"
+            raise ConfigError(f"train.freeze: {name!r} is not a part of the model; {choices}"
+                              f"{_closest(str(name), parts)}")
 
 
 def _require_choice(key: str, value: str, choices: tuple[str, ...]) -> None:

@@ -12,10 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import time
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from torch import nn
+from torch.utils.data import IterableDataset
 
 from mmfm import zoo
 from mmfm.config import Config, load_config, save_config
@@ -43,13 +45,20 @@ def build_run(cfg: Config, world_size: int = 1) -> Run:
     answers = answer_lists(cfg, tasks.values())
     model = initial_model(cfg, answers)
     tokenizer = model.tokenizer if isinstance(model, MMFM) else None
-    streams = {name: Stream(name, task.build_dataset(cfg, answers), _batch_size(cfg, task, world_size),
+    streams = {name: Stream(name, task.training_data(cfg, answers), _batch_size(cfg, task, world_size),
                             make_collate(tokenizer, task.text_keys), cfg.train.tasks[name])
                for name, task in tasks.items()}
-    first = next(iter(streams.values()))
-    warmup = cfg.objective.alpha_warmup_steps or max(1, len(first.dataset) // cfg.train.batch_size)
+    warmup = cfg.objective.alpha_warmup_steps or _epoch_steps(next(iter(streams.values())), cfg)
     cfg = replace(cfg, objective=replace(cfg.objective, alpha_warmup_steps=warmup))
     return Run(cfg, model, TaskObjective(model, cfg.objective, list(tasks), warmup), streams)
+
+
+def _epoch_steps(stream: Stream, cfg: Config) -> int:
+    """Optimizer steps of one epoch of a stream (the default distillation ramp); a shard stream whose size
+    no manifest gives ramps over train.warmup_steps."""
+    size = getattr(stream.dataset, "num_samples", None) if isinstance(stream.dataset, IterableDataset) \
+        else len(stream.dataset)
+    return max(1, size // cfg.train.batch_size if size else cfg.train.warmup_steps)
 
 
 def answer_lists(cfg: Config, tasks) -> dict[str, list[str]]:
@@ -77,16 +86,20 @@ def initial_model(cfg: Config, answers: dict) -> nn.Module:
 
         model.trunk.load_timm(timm.create_model(init[5:], pretrained=True, img_size=cfg.model.img_size))
     elif init:
-        _load_fitting(model, load_model(init))
+        _load_fitting(model, load_model(resolve_checkpoint(init, quiet=True)), init)
     return model
 
 
-def _load_fitting(model: nn.Module, source: nn.Module) -> None:
+def _load_fitting(model: nn.Module, source: nn.Module, name: str) -> None:
     """Every tensor of ``source`` whose name and shape the new model shares (heads of new answer lists and
-    other changed shapes start fresh)."""
+    other changed shapes start fresh); a warning when most of the model would start fresh."""
     own = model.state_dict()
     fitting = {k: v for k, v in source.state_dict().items() if k in own and own[k].shape == v.shape}
     model.load_state_dict(fitting, strict=False)
+    if len(fitting) < len(own) / 2:
+        warnings.warn(f"train.init={name}: only {len(fitting)} of the model's {len(own)} tensors fit its weights, "
+                      "the rest start fresh; give the config the model block of that checkpoint (for a zoo "
+                      "model, its architecture in `mmfm zoo info NAME`)", stacklevel=2)
 
 
 def _batch_size(cfg: Config, task, world_size: int) -> int:
@@ -100,7 +113,8 @@ def _batch_size(cfg: Config, task, world_size: int) -> int:
 
 def train(cfg: Config, output: str | Path, resume: str | None = None, quiet: bool = False,
           run_eval: bool = True) -> dict:
-    """Train, save OUTPUT/model.safetensors, evaluate, and write metrics.json, curves.png, config.yaml."""
+    """Train, save OUTPUT/model.safetensors (the weight EMA with train.ema_decay, the raw weights then in
+    OUTPUT/model_raw.safetensors), evaluate it, and write metrics.json, curves.png, config.yaml."""
     from mmfm.engine.trainer import Trainer, make_accelerator, plot_history
 
     output = Path(output)
@@ -113,9 +127,13 @@ def train(cfg: Config, output: str | Path, resume: str | None = None, quiet: boo
     metrics = trainer.fit(run.objective, run.streams, num_workers=cfg.data.num_workers, resume=resume,
                           max_bad_fraction=cfg.data.max_bad_fraction)
     if accelerator.is_main_process:
-        save_model(run.model, output / "model.safetensors")
+        model = run.model
+        if trainer.ema is not None:  # train.ema_decay: the EMA is the run's model, the raw weights stay beside it
+            save_model(run.model, output / "model_raw.safetensors")
+            model = trainer.ema.module
+        save_model(model, output / "model.safetensors")
         if run_eval:
-            metrics.update(timed_evaluate(run.model, run.cfg, quiet))
+            metrics.update(timed_evaluate(model, run.cfg, quiet))
         write_metrics(output / "metrics.json", metrics)
         plot_history(output)
     accelerator.wait_for_everyone()

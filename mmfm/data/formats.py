@@ -137,6 +137,23 @@ def vqa_soft_scores(answers: list[str]) -> dict[str, float]:
     return {answer: _SCORE_BY_COUNT.get(count, 1.0) for answer, count in counts.items()}
 
 
+def answer_index(answer_list: list[str]) -> dict[str, int]:
+    """Normalised answer -> its class in `answer_list` (the first one when two normalise alike)."""
+    index: dict[str, int] = {}
+    for k, answer in enumerate(answer_list):
+        index.setdefault(normalize_answer(answer), k)
+    return index
+
+
+def answer_target(answers: list[str], index: dict[str, int], size: int) -> torch.Tensor:
+    """Soft-score vector (size,) over an answer list for annotator `answers`; answers off the list get none."""
+    target = torch.zeros(size)
+    for answer, score in vqa_soft_scores(answers).items():
+        if answer in index:
+            target[index[answer]] = score
+    return target
+
+
 # --- reading annotation files ---
 
 def load_annotations(ann_file: str | os.PathLike) -> list[dict]:
@@ -343,19 +360,19 @@ class AnnotationDataset(Dataset):
         return BadSample(err.path, index, err.reason)
 
 
-def _choose(items: list, rng: np.random.Generator):
+def choose(items: list, rng: np.random.Generator):
     """One item; a draw from `rng` only when there is a choice."""
     return items[int(rng.integers(len(items)))] if len(items) > 1 else items[0]
 
 
-def _maybe_swap(text: str, flipped: bool) -> str:
+def maybe_swap(text: str, flipped: bool) -> str:
     return swap_left_right(text) if flipped else text
 
 
-def _answers_of(entry: dict, flipped: bool) -> list[str]:
+def answers_of(entry: dict, flipped: bool) -> list[str]:
     """A VQA entry's annotator answers (one string or a list), left/right swapped for a flipped image."""
     answers = entry.get("answer", [])
-    return [_maybe_swap(a, flipped) for a in ([answers] if isinstance(answers, str) else answers)]
+    return [maybe_swap(a, flipped) for a in ([answers] if isinstance(answers, str) else answers)]
 
 
 class ImageTextDataset(AnnotationDataset):
@@ -378,7 +395,7 @@ class ImageTextDataset(AnnotationDataset):
 
     def load(self, index, rng):
         media, flipped = self.load_media(index, rng)
-        text = _maybe_swap(_choose(captions_of(self.entries[index]), rng), flipped)
+        text = maybe_swap(choose(captions_of(self.entries[index]), rng), flipped)
         sample = {self.media_key: media, "text": text, f"{self.media_key}_id": self.image_ids[index], "index": index}
         if self.negatives is not None:
             negative = self.negatives(text, rng)
@@ -428,26 +445,20 @@ class VQADataset(AnnotationDataset):
         if answer_list is not None and not isinstance(answer_list, list):
             answer_list = read_json(answer_list)
         self.answer_list: list[str] = answer_list or []
-        self.answer_index: dict[str, int] = {}
-        for k, answer in enumerate(self.answer_list):
-            self.answer_index.setdefault(normalize_answer(answer), k)
+        self.answer_index = answer_index(self.answer_list)
 
     def load(self, index, rng):
         entry = self.entries[index]
         media, flipped = self.load_media(index, rng)
-        answers = _answers_of(entry, flipped)
-        return {self.media_key: media, "question": _maybe_swap(entry["question"], flipped),
+        answers = answers_of(entry, flipped)
+        return {self.media_key: media, "question": maybe_swap(entry["question"], flipped),
                 "answers": answers, "target": self.target(answers),
                 "question_id": entry.get("question_id", index),
                 "question_type": entry.get("question_type", ""), "index": index}
 
     def target(self, answers: list[str]) -> torch.Tensor:
         """Soft-score vector over the answer list for these annotator answers."""
-        target = torch.zeros(len(self.answer_list))
-        for answer, score in vqa_soft_scores(answers).items():
-            if answer in self.answer_index:
-                target[self.answer_index[answer]] = score
-        return target
+        return answer_target(answers, self.answer_index, len(self.answer_list))
 
 
 class QuestionBank:
@@ -468,9 +479,9 @@ class QuestionBank:
         indices = self.by_media.get(media)
         if not indices:
             return {"question": "", "target": torch.zeros(len(self.vqa.answer_list)), "has_question": False}
-        entry = self.vqa.entries[_choose(indices, rng)]
-        target = self.vqa.target(_answers_of(entry, flipped))
-        return {"question": _maybe_swap(entry["question"], flipped), "target": target, "has_question": True}
+        entry = self.vqa.entries[choose(indices, rng)]
+        target = self.vqa.target(answers_of(entry, flipped))
+        return {"question": maybe_swap(entry["question"], flipped), "target": target, "has_question": True}
 
 
 class SegmentationDataset(AnnotationDataset):
@@ -499,6 +510,6 @@ class BindingDataset(AnnotationDataset):
     def load(self, index, rng):
         entry = self.entries[index]
         media, flipped = self.load_media(index, rng)
-        return {"image": media, "caption": _maybe_swap(entry["caption"], flipped),
-                "swapped": _maybe_swap(entry["swapped"], flipped),
+        return {"image": media, "caption": maybe_swap(entry["caption"], flipped),
+                "swapped": maybe_swap(entry["swapped"], flipped),
                 "image_id": entry.get("image_id", index), "index": index}

@@ -26,6 +26,7 @@ import re
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -74,10 +75,12 @@ def check_frame_size(width: int, height: int, path: str, max_pixels: int) -> Non
                                    f"or max_pixels= in the Python API, if the file is genuine)")
 
 
-def load_image(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode `path` to an RGB PIL image, EXIF orientation applied. Raises UnreadableFile."""
-    with _decoding(path, "image"), Image.open(path) as img:
-        check_frame_size(img.width, img.height, path, max_pixels)
+def load_image(path: str | BinaryIO, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = "") -> Image.Image:
+    """Decode `path` (or an open binary file, called `name` in errors) to an RGB PIL image, EXIF orientation
+    applied. Raises UnreadableFile."""
+    name = name or str(path)
+    with _decoding(name, "image"), Image.open(path) as img:
+        check_frame_size(img.width, img.height, name, max_pixels)
         img.load()
         return to_rgb(ImageOps.exif_transpose(img))
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from mmfm.errors import ConfigError, ModelError
 
 STATE_FILE = "train_state.json"
+DATA_STATE_FILE = "data_state.json"  # shard streams: each reader's (epoch, records read) per source
 RNG_KEYS = {"random_state", "numpy_random_seed", "torch_manual_seed"}  # what accelerate's RNG file holds
 # How torch.load fails on a damaged or foreign pickle
 _UNREADABLE = (OSError, EOFError, RuntimeError, ValueError, KeyError, TypeError, pickle.UnpicklingError)
@@ -94,8 +95,50 @@ def _check_random_states(path: Path, process_index: int) -> None:
                       "differ from an uninterrupted run)", stacklevel=2)
 
 
-def save_checkpoint(accelerator, output: Path, step: int, train_state: dict, keep_last: int) -> Path | None:
-    """Collective: every rank calls it. Returns the final path on the main process."""
+def read_data_state(path: Path) -> dict:
+    """The shard streams' reader positions saved with a checkpoint (``{}`` when it has none)."""
+    file = path / DATA_STATE_FILE
+    if not file.is_file():
+        return {}
+    try:
+        state = json.loads(file.read_text())
+        streams, layout = state["streams"], state["layout"]
+        valid = isinstance(streams, dict) and all(isinstance(slots, dict) for slots in streams.values())
+        if not valid or set(layout) != {"processes", "workers"}:
+            raise ValueError("unexpected layout")
+        return {"layout": layout, "streams": {name: {int(slot): pos for slot, pos in slots.items()}
+                                              for name, slots in streams.items()}}
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ModelError(f"--resume {path}: {file.name} is not a data position file ({err}); "
+                         f"{_RESUME_ADVICE}") from None
+
+
+def stream_positions(data_state: dict, layout: dict) -> dict[str, dict]:
+    """Stream -> {slot: position} for readers laid out as ``layout`` (processes x workers).
+
+    Positions belong to slots, so they only carry over to the same layout. With another one every reader
+    starts its sources at the earliest epoch any reader of the checkpoint was in (some samples of that
+    epoch are read twice, none are skipped), with a warning.
+    """
+    if not data_state or data_state["layout"] == layout:
+        return data_state.get("streams", {})
+    saved = data_state["layout"]
+    warnings.warn(f"resuming shard streams read by {saved['processes']} process(es) x {saved['workers']} "
+                  f"worker(s) with {layout['processes']} x {layout['workers']}: reader positions cannot carry "
+                  "over, each source restarts at the start of its earliest epoch in the checkpoint", stacklevel=2)
+    slots = layout["processes"] * max(1, layout["workers"])
+    positions = {}
+    for name, saved_slots in data_state["streams"].items():
+        per_source = zip(*(pos["sources"] for pos in saved_slots.values()))
+        start = {"sources": [[min(epoch for epoch, _ in source), 0] for source in per_source], "draws": 0}
+        positions[name] = {slot: start for slot in range(slots)}
+    return positions
+
+
+def save_checkpoint(accelerator, output: Path, step: int, train_state: dict, keep_last: int,
+                    data_state: dict | None = None) -> Path | None:
+    """Collective: every rank calls it. Returns the final path on the main process. ``data_state`` (shard
+    stream positions, see `read_data_state`) is written beside the train state when it has streams."""
     root = checkpoint_dir(output)
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp_step_{step:08d}"
@@ -108,6 +151,8 @@ def save_checkpoint(accelerator, output: Path, step: int, train_state: dict, kee
     if not accelerator.is_main_process:
         return None
     (tmp / STATE_FILE).write_text(json.dumps(train_state, indent=2))
+    if data_state and data_state.get("streams"):
+        (tmp / DATA_STATE_FILE).write_text(json.dumps(data_state))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     for old in list_checkpoints(output)[:-keep_last] if keep_last > 0 else []:

@@ -15,14 +15,22 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
-from accelerate.utils import set_seed
-from torch.utils.data import DataLoader, Dataset
+from accelerate.utils import gather_object, set_seed
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm import tqdm
 
 from mmfm.config import TrainConfig
 from mmfm.data.collate import BadSampleTracker
 from mmfm.data.sampling import EpochSampler
-from mmfm.engine.checkpoint import load_checkpoint, read_train_state, resolve_resume, save_checkpoint
+from mmfm.engine.checkpoint import (
+    load_checkpoint,
+    read_data_state,
+    read_train_state,
+    resolve_resume,
+    save_checkpoint,
+    stream_positions,
+)
+from mmfm.engine.finetune import freeze_parts, layer_lr_scales, weight_ema
 from mmfm.engine.schedule import lr_factor, stream_schedule
 from mmfm.fileio import atomic_write_text
 
@@ -30,7 +38,9 @@ from mmfm.fileio import atomic_write_text
 class Objective(torch.nn.Module):
     """What the Trainer trains: ``forward(stream, batch) -> dict`` of losses (``"loss"`` is optimised, the
     rest logged); ``after_step()`` runs once per optimizer step (EMA updates, step counters);
-    ``fusion_parameters()`` are trained at ``lr * train.fusion_lr_scale``."""
+    ``fusion_parameters()`` are trained at ``lr * train.fusion_lr_scale``. The fine-tuning controls
+    (``mmfm/engine/finetune.py``) read ``parameter_parts()`` (``train.freeze``), ``parameter_layers()``
+    (``train.layer_decay``) and ``trained_model()`` (``train.ema_decay``)."""
 
     def forward(self, stream: str, batch: dict) -> dict:
         raise NotImplementedError
@@ -40,6 +50,19 @@ class Objective(torch.nn.Module):
 
     def fusion_parameters(self) -> list[torch.nn.Parameter]:
         return []
+
+    def parameter_parts(self) -> dict[str, list[torch.nn.Parameter]]:
+        """Named parts of the model that ``train.freeze`` can freeze; {} = none declared."""
+        return {}
+
+    def parameter_layers(self) -> dict[str, int]:
+        """Parameter name -> layer for layer-wise lr decay, 0 (embeddings) up to the heads (timm's
+        ``param_groups_layer_decay`` convention); {} = none declared."""
+        return {}
+
+    def trained_model(self) -> torch.nn.Module:
+        """The module a run saves and evaluates, and the one ``train.ema_decay`` averages."""
+        return self
 
 
 @dataclass
@@ -85,31 +108,37 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     return accelerator
 
 
-def param_groups(objective: Objective, weight_decay: float, lr: float,
-                 fusion_lr_scale: float = 1.0) -> list[dict]:
-    """AdamW groups: no decay on norms, biases, embeddings, positions and the temperature (what modules list
-    in ``no_weight_decay()``, timm's convention); the objective's ``fusion_parameters()`` (fusion layers and
-    the heads on them) at ``lr * fusion_lr_scale``."""
+def param_groups(objective: Objective, weight_decay: float, lr: float, fusion_lr_scale: float = 1.0,
+                 layer_decay: float = 1.0) -> list[dict]:
+    """AdamW groups of the parameters that require grad: no decay on norms, biases, embeddings, positions and
+    the temperature (what modules list in ``no_weight_decay()``, timm's convention); the objective's
+    ``fusion_parameters()`` (fusion layers and the heads on them) at ``lr * fusion_lr_scale``; with
+    ``layer_decay`` < 1 each lr also times its layer's ``finetune.layer_lr_scales``."""
     skip = set()
     for name, module in objective.named_modules():
         if hasattr(module, "no_weight_decay"):
             skip |= {f"{name}.{n}" if name else n for n in module.no_weight_decay()}
     fusion = {id(p) for p in objective.fusion_parameters()}
-    groups: dict[tuple[bool, bool], list] = {}
+    scales = layer_lr_scales(objective, layer_decay)
+    groups: dict[tuple[float, bool, bool], list] = {}
     for name, param in objective.named_parameters():
         if not param.requires_grad:
             continue
         decays = not (param.ndim < 2 or name in skip or any(name.endswith(f".{s}") for s in skip))
-        groups.setdefault((decays, id(param) in fusion), []).append(param)
+        # Top layer first, so group 0 (whose lr the run logs) keeps the base lr's schedule.
+        groups.setdefault((-scales.get(name, 1.0), decays, id(param) in fusion), []).append(param)
     return [{"params": params, "weight_decay": weight_decay if decays else 0.0,
-             "lr": lr * (fusion_lr_scale if in_fusion else 1.0)}
-            for (decays, in_fusion), params in sorted(groups.items())]
+             "lr": lr * -neg_scale * (fusion_lr_scale if in_fusion else 1.0)}
+            for (neg_scale, decays, in_fusion), params in sorted(groups.items())]
 
 
 def make_optimizer(objective: Objective, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW over `param_groups`. On CPU torch's default AdamW updates the parameters one by one (~9% of a
-    demo step); the fused kernel does the same update in one pass. CUDA already defaults to multi-tensor."""
-    groups = param_groups(objective, cfg.weight_decay, cfg.lr, cfg.fusion_lr_scale)
+    """AdamW over `param_groups`, after freezing the parts ``train.freeze`` names (before accelerate's
+    prepare, as DDP only reduces the gradients of parameters that require grad when it wraps the model).
+    On CPU torch's default AdamW updates the parameters one by one (~9% of a demo step); the fused kernel
+    does the same update in one pass. CUDA already defaults to multi-tensor."""
+    freeze_parts(objective, cfg.freeze)
+    groups = param_groups(objective, cfg.weight_decay, cfg.lr, cfg.fusion_lr_scale, cfg.layer_decay)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), fused=True if device.type == "cpu" else None)
 
 
@@ -117,26 +146,45 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, output: Path, accelerator: Accelerator, quiet: bool = False):
         self.cfg, self.output, self.accelerator, self.quiet = cfg, Path(output), accelerator, quiet
         self._pending: dict[str, list[float]] = {}
+        self._positions: dict[str, dict] = {}  # shard stream -> {reader slot: its position}
+        self._layout: dict = {}
 
     # ---- data -------------------------------------------------------------------------------------
 
-    def _loader(self, stream: Stream, start_sample: int, num_workers: int):
-        sampler = EpochSampler(len(stream.dataset), seed=self.cfg.seed, start=start_sample)
-        batches = RankBatchSampler(sampler, stream.batch_size, self.accelerator.process_index,
-                                   self.accelerator.num_processes)
-        loader = DataLoader(stream.dataset, batch_sampler=batches, collate_fn=stream.collate_fn,
-                            num_workers=num_workers, persistent_workers=num_workers > 0,
-                            prefetch_factor=4 if num_workers > 0 else None)
-        return iter(loader)
+    def _loader(self, stream: Stream, batches_done: int, num_workers: int, positions: dict):
+        acc = self.accelerator
+        workers = {"num_workers": num_workers, "persistent_workers": num_workers > 0,
+                   "prefetch_factor": 4 if num_workers > 0 else None}
+        if isinstance(stream.dataset, IterableDataset):
+            stream.dataset.configure(stream.batch_size, stream.collate_fn, rank=acc.process_index,
+                                     world=acc.num_processes, num_workers=num_workers, batches_done=batches_done,
+                                     positions=positions)
+            return iter(DataLoader(stream.dataset, batch_size=None, **workers))
+        sampler = EpochSampler(len(stream.dataset), seed=self.cfg.seed,
+                               start=batches_done * stream.batch_size * acc.num_processes)
+        batches = RankBatchSampler(sampler, stream.batch_size, acc.process_index, acc.num_processes)
+        return iter(DataLoader(stream.dataset, batch_sampler=batches, collate_fn=stream.collate_fn, **workers))
 
-    def _iterators(self, streams: dict[str, Stream], schedule: list[str], start_micro: int, num_workers: int):
-        world = self.accelerator.num_processes
+    def _iterators(self, streams: dict[str, Stream], schedule: list[str], start_micro: int, num_workers: int,
+                   data_state: dict):
         workers = max(1, num_workers // len(streams)) if num_workers > 0 else 0
-        iterators = {}
-        for name, stream in streams.items():
-            consumed = sum(1 for s in schedule[:start_micro] if s == name) * stream.batch_size * world
-            iterators[name] = self._loader(stream, consumed, workers)
-        return iterators
+        self._layout = {"processes": self.accelerator.num_processes, "workers": workers}
+        positions = stream_positions(data_state, self._layout)
+        self._positions = {name: dict(positions.get(name, {})) for name in streams}
+        return {name: self._loader(stream, sum(1 for s in schedule[:start_micro] if s == name), workers,
+                                   positions.get(name, {}))
+                for name, stream in streams.items()}
+
+    def _data_state(self) -> dict:
+        """Collective: the shard streams' reader positions of every process, for the checkpoint."""
+        parts = [self._positions]
+        if self.accelerator.num_processes > 1:
+            parts = gather_object(parts)
+        merged: dict[str, dict] = {}
+        for part in parts:
+            for name, slots in part.items():
+                merged.setdefault(name, {}).update({str(slot): state for slot, state in slots.items()})
+        return {"layout": self._layout, "streams": {name: slots for name, slots in merged.items() if slots}}
 
     def _to_device(self, batch: dict) -> dict:
         device = self.accelerator.device
@@ -156,12 +204,15 @@ class Trainer:
             optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.max_steps,
                                            state["elapsed"] / budget_s if budget_s else 0.0))
         objective, optimizer, scheduler = acc.prepare(objective, optimizer, scheduler)
+        # train.ema_decay: Trainer.ema, restored by --resume below with the rest of the checkpoint
+        self.ema = weight_ema(acc, acc.unwrap_model(objective).trained_model(), cfg.ema_decay)
         resume_from = resolve_resume(resume, self.output)
         if resume_from is not None:
             state.update(read_train_state(resume_from))
         accum = cfg.grad_accum
         schedule = stream_schedule({n: s.weight for n, s in streams.items()}, cfg.max_steps * accum)
-        iterators = self._iterators(streams, schedule, state["step"] * accum, num_workers)
+        data_state = read_data_state(resume_from) if resume_from is not None else {}
+        iterators = self._iterators(streams, schedule, state["step"] * accum, num_workers, data_state)
         if resume_from is not None:
             load_checkpoint(acc, resume_from)
             self._truncate_history(state["step"])
@@ -177,12 +228,12 @@ class Trainer:
             state["elapsed"] = time.perf_counter() - start_time
             self._log(logs, state, writer, bar)
             if self._should_save(state["step"]):
-                save_checkpoint(acc, self.output, state["step"], dict(state), cfg.keep_last)
+                save_checkpoint(acc, self.output, state["step"], dict(state), cfg.keep_last, self._data_state())
             if budget_s and self._out_of_time(state["elapsed"], budget_s):
                 break
         bar.close()
         if not self._should_save(state["step"]):
-            save_checkpoint(acc, self.output, state["step"], dict(state), cfg.keep_last)
+            save_checkpoint(acc, self.output, state["step"], dict(state), cfg.keep_last, self._data_state())
         if writer is not None:
             writer.close()
         return {"train_seconds": round(state["elapsed"], 2), "steps": state["step"],
@@ -195,6 +246,9 @@ class Trainer:
         for micro in range(cfg.grad_accum):
             name = schedule[state["step"] * cfg.grad_accum + micro]
             batch = next(iterators[name])
+            if "stream_state" in batch:
+                position = batch.pop("stream_state")
+                self._positions[name][position["slot"]] = position
             tracker.update(batch)
             state["num_seen"], state["num_bad"] = tracker.num_seen, tracker.num_bad
             batch = self._to_device(batch)
@@ -213,6 +267,8 @@ class Trainer:
         optimizer.zero_grad(set_to_none=True)
         acc.unwrap_model(objective).after_step()
         state["step"] += 1
+        if self.ema is not None:
+            self.ema.update(acc.unwrap_model(objective).trained_model(), step=state["step"])
         logs["lr"] = scheduler.get_last_lr()[0]
         return logs
 

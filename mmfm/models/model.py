@@ -26,6 +26,10 @@ class Encoded:
 
 
 TEMPERATURE_INIT = 0.07
+# The parts of the model that ``train.freeze`` names (``MMFM.parameter_parts``), inputs first.
+PARTS = ("vision_tokenizer", "vision_embed", "text_embed", "type_embed", "unimodal", "fusion", "norm",
+         "projections", "heads")
+STEM_PARTS = PARTS[:4]  # layer 0 of layer-wise lr decay
 
 
 @dataclass
@@ -98,6 +102,46 @@ class MMFM(nn.Module):
         modules = [*fusion_only, self.itm_head, self.itm_pair_head, self.answer_heads, self.answer_pair_heads]
         return [p for module in modules if module is not None for p in module.parameters()]
 
+    def parameter_parts(self) -> dict[str, list[nn.Parameter]]:
+        """Every parameter in exactly one of ``PARTS`` (what ``train.freeze`` takes).
+
+        ``unimodal`` / ``fusion`` are the trunk layers [0, fusion_layer) / [fusion_layer, depth) by index (in
+        ``cross`` mode with ``vision_depth`` past the fusion point, vision also runs through fusion layers).
+        ``norm`` is the trunk's final norm, which the ITC features and the fused tokens both go through. The
+        MLM and word heads decode with the token embedding (tied), which is ``text_embed``'s.
+        """
+        trunk = self.trunk
+        members = {
+            "vision_tokenizer": [trunk.vision_tokenizer],
+            "vision_embed": [trunk.cls_token, trunk.pos_embed, trunk.temporal_embed],
+            "text_embed": [trunk.token_embed, trunk.text_pos_embed, trunk.text_bigram],
+            "type_embed": [trunk.type_embed],
+            "unimodal": list(trunk.blocks[:trunk.fusion_layer]),
+            "fusion": list(trunk.blocks[trunk.fusion_layer:]),
+            "norm": [trunk.norm],
+            "projections": [self.vision_proj, self.text_proj, self.temp],
+            "heads": [self.itm_head, self.itm_pair_head, self.mlm_head, self.word_head, self.bigram_head,
+                      self.answer_heads, self.answer_pair_heads],
+        }
+        claimed: set[int] = set()
+        return {part: _unclaimed(members[part], claimed) for part in PARTS}
+
+    def parameter_layers(self) -> dict[str, int]:
+        """Layer of each parameter name for layer-wise lr decay, timm's ``param_groups_layer_decay`` convention
+        (a ViT's ``group_matcher``): 0 the embeddings (``STEM_PARTS``), i + 1 trunk block i, the final norm
+        with the last block (depth), the projections, temperature and heads on top (depth + 1)."""
+        stem = {id(p) for part, params in self.parameter_parts().items() if part in STEM_PARTS for p in params}
+        depth = self.trunk.depth
+        layers = {}
+        for name, param in self.named_parameters():
+            if id(param) in stem:
+                layers[name] = 0
+            elif name.startswith("trunk.blocks."):
+                layers[name] = int(name.split(".")[2]) + 1
+            else:
+                layers[name] = depth if name.startswith("trunk.norm.") else depth + 1
+        return layers
+
     # ---- unimodal ---------------------------------------------------------------------------------
 
     def _feature(self, tokens: TokenBatch, proj: nn.Linear) -> torch.Tensor:
@@ -163,3 +207,16 @@ class MMFM(nn.Module):
 
     def arch_dict(self) -> dict:
         return asdict(self.cfg)
+
+
+def _unclaimed(members: list, claimed: set[int]) -> list[nn.Parameter]:
+    """The parameters of ``members`` (modules, parameters or None) not in ``claimed``, which they then join:
+    a tied weight belongs to the first part that lists it."""
+    found = []
+    for member in members:
+        params = [] if member is None else [member] if isinstance(member, nn.Parameter) else member.parameters()
+        for param in params:
+            if id(param) not in claimed:
+                claimed.add(id(param))
+                found.append(param)
+    return found

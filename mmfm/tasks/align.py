@@ -23,6 +23,7 @@ from mmfm.data import (
     VideoTextDataset,
 )
 from mmfm.data.negatives import CaptionNegatives
+from mmfm.data.shards import CaptionDecoder
 from mmfm.errors import ConfigError
 from mmfm.models.model import Encoded
 from mmfm.models.trunk import TokenBatch
@@ -39,6 +40,7 @@ from mmfm.tasks.base import (
     data_path,
     dataset_kwargs,
     eval_loader,
+    media_reader,
     optional_path,
     register_task,
     transform,
@@ -66,6 +68,11 @@ class AlignTask(Task):
 
     def build_loss(self, settings, model):
         return AlignLoss(self.name, self.question_head, settings, model.cfg.embed_dim)
+
+    def shard_decoder(self, cfg, answers):
+        riding = answers.get(self.question_head) if cfg.data.qa_with_captions else None
+        return CaptionDecoder(media_reader(cfg, self.modality), transform(cfg, train=True), caption_negatives(cfg),
+                              riding)
 
 
 @register_task

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from mmfm.data import VideoQADataset, VQADataset
+from mmfm.data.shards import QuestionDecoder
 from mmfm.objectives.vqa import vqa_loss
 from mmfm.tasks.base import (
     Task,
@@ -15,6 +16,7 @@ from mmfm.tasks.base import (
     data_path,
     dataset_kwargs,
     eval_loader,
+    media_reader,
     optional_path,
     register_task,
     transform,
@@ -47,6 +49,9 @@ class AnswerTask(Task):
 
     def build_dataset(self, cfg, answers):
         return self.dataset(cfg, data_path(cfg, self.train_file(cfg)), answers[self.name], train=True)
+
+    def shard_decoder(self, cfg, answers):
+        return QuestionDecoder(media_reader(cfg, self.modality), transform(cfg, train=True), answers[self.name])
 
 
 @register_task

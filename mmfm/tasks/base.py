@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from mmfm.data.collate import make_collate
 from mmfm.data.formats import resolve
+from mmfm.data.shards import MediaReader, ShardSource, ShardStream, expand_shards
 from mmfm.data.transforms import eval_transform, train_transform
 from mmfm.errors import ConfigError
 
@@ -45,7 +46,20 @@ class Task:
         return False
 
     def build_dataset(self, cfg: Config, answers: dict[str, list[str]]) -> Dataset:
+        """Its map-style training dataset, from the annotation file of the data config."""
         raise NotImplementedError
+
+    def shard_decoder(self, cfg: Config, answers: dict[str, list[str]]):
+        """``(record, rng) -> sample``: its training samples from webdataset records (mmfm.data.shards)."""
+        raise ConfigError(f"task {self.name!r} cannot train from shards; remove its data.sources entries")
+
+    def training_data(self, cfg: Config, answers: dict[str, list[str]]) -> Dataset:
+        """A `ShardStream` over the task's ``data.sources`` when it has some, else `build_dataset`."""
+        sources = shard_sources(cfg, self.name)
+        if not sources:
+            return self.build_dataset(cfg, answers)
+        return ShardStream(sources, self.shard_decoder(cfg, answers), mode=cfg.data.shard_mode, seed=cfg.train.seed,
+                           shuffle_buffer=cfg.data.shuffle_buffer, on_error=cfg.data.on_error)
 
     def build_loss(self, settings: ObjectiveConfig, model: nn.Module) -> TaskLoss:
         """Its loss with the run's objective settings (the ``objective`` config block)."""
@@ -112,6 +126,17 @@ def optional_path(cfg: Config, relative: str) -> str | None:
     """A file under data.root, or None when it is not configured or absent (its evaluation is skipped)."""
     path = resolve(cfg.data.root, relative)
     return path if relative and Path(path).exists() else None
+
+
+def shard_sources(cfg: Config, task: str) -> list[ShardSource]:
+    """The ``data.sources`` entries of ``task``, their patterns resolved against data.root."""
+    return [ShardSource(tuple(expand_shards(s["shards"], cfg.data.root)), float(s.get("weight", 1.0)), str(s["shards"]))
+            for s in cfg.data.sources if s.get("task", "image_text") == task]
+
+
+def media_reader(cfg: Config, modality: str) -> MediaReader:
+    """How shard records' media are decoded for training (random frame sampling, the data limits)."""
+    return MediaReader(modality, cfg.data.num_frames, "random", cfg.data.max_pixels, cfg.data.max_video_pixels)
 
 
 def transform(cfg: Config, train: bool):

@@ -51,3 +51,14 @@ class TaskObjective(Objective):
 
     def fusion_parameters(self) -> list[nn.Parameter]:
         return self.model.fusion_parameters() if isinstance(self.model, MMFM) else []
+
+    def parameter_parts(self) -> dict[str, list[nn.Parameter]]:
+        return self.model.parameter_parts() if isinstance(self.model, MMFM) else {}
+
+    def parameter_layers(self) -> dict[str, int]:
+        if not isinstance(self.model, MMFM):
+            return {}
+        return {f"model.{name}": layer for name, layer in self.model.parameter_layers().items()}
+
+    def trained_model(self) -> nn.Module:
+        return self.model
