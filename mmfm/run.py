@@ -16,13 +16,14 @@ import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import torch
 from torch import nn
 from torch.utils.data import IterableDataset
 
 from mmfm import zoo
 from mmfm.config import Config, load_config, save_config
 from mmfm.data.collate import make_collate
-from mmfm.data.formats import read_json
+from mmfm.data.formats import answer_index, normalize_answer, read_json
 from mmfm.engine.trainer import Stream
 from mmfm.errors import ConfigError, ModelError
 from mmfm.fileio import atomic_write_text
@@ -86,20 +87,58 @@ def initial_model(cfg: Config, answers: dict) -> nn.Module:
 
         model.trunk.load_timm(timm.create_model(init[5:], pretrained=True, img_size=cfg.model.img_size))
     elif init:
-        _load_fitting(model, load_model(resolve_checkpoint(init, quiet=True)), init)
+        source = load_model(resolve_checkpoint(init, quiet=True))
+        relisted = _relisted_heads(model, source)
+        _load_fitting(model, source, init, skip=tuple(f"{name}." for head in relisted
+                                                      for name in _answer_classifiers(model, head)))
+        for head in relisted:
+            _carry_answer_rows(model, source, head)
     return model
 
 
-def _load_fitting(model: nn.Module, source: nn.Module, name: str) -> None:
-    """Every tensor of ``source`` whose name and shape the new model shares (heads of new answer lists and
-    other changed shapes start fresh); a warning when most of the model would start fresh."""
+def _load_fitting(model: nn.Module, source: nn.Module, name: str, skip: tuple[str, ...] = ()) -> None:
+    """Every tensor of ``source`` whose name and shape the new model shares, except those under ``skip``
+    (heads of new answer lists and other changed shapes start fresh); a warning when most start fresh."""
     own = model.state_dict()
-    fitting = {k: v for k, v in source.state_dict().items() if k in own and own[k].shape == v.shape}
+    fitting = {k: v for k, v in source.state_dict().items()
+               if k in own and own[k].shape == v.shape and not k.startswith(skip)}
     model.load_state_dict(fitting, strict=False)
     if len(fitting) < len(own) / 2:
         warnings.warn(f"train.init={name}: only {len(fitting)} of the model's {len(own)} tensors fit its weights, "
                       "the rest start fresh; give the config the model block of that checkpoint (for a zoo "
                       "model, its architecture in `mmfm zoo info NAME`)", stacklevel=2)
+
+
+def _relisted_heads(model: nn.Module, source: nn.Module) -> list[str]:
+    """Answer heads the init model has with another answer list than the new model's."""
+    if not (isinstance(model, MMFM) and isinstance(source, MMFM)):
+        return []
+    return [head for head, names in model.answers.items() if source.answers.get(head, names) != names]
+
+
+def _answer_classifiers(model: MMFM, head: str) -> dict[str, nn.Linear]:
+    """The layers of an answer head with one output row per answer, by state-dict name."""
+    layers = {f"answer_heads.{head}.{len(model.answer_heads[head]) - 1}": model.answer_heads[head][-1]}
+    if head in model.answer_pair_heads:
+        layers[f"answer_pair_heads.{head}"] = model.answer_pair_heads[head]
+    return layers
+
+
+def _carry_answer_rows(model: MMFM, source: MMFM, head: str) -> None:
+    """A new answer list keeps what the init model learnt of the answers it shares with the old one: their
+    classifier (and pair-feature) rows are copied; the other answers start fresh."""
+    old_index = answer_index(source.answers[head])
+    pairs = [(k, old_index[normalize_answer(a)]) for k, a in enumerate(model.answers[head])
+             if normalize_answer(a) in old_index]
+    if not pairs:
+        return
+    new_rows, old_rows = (torch.tensor(rows) for rows in zip(*pairs))
+    trained = _answer_classifiers(source, head)
+    with torch.no_grad():
+        for name, layer in _answer_classifiers(model, head).items():
+            if name in trained and layer.weight.shape[1:] == trained[name].weight.shape[1:]:
+                layer.weight[new_rows] = trained[name].weight[old_rows]
+                layer.bias[new_rows] = trained[name].bias[old_rows]
 
 
 def _batch_size(cfg: Config, task, world_size: int) -> int:

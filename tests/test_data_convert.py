@@ -179,6 +179,24 @@ def test_vqav2_questions_are_merged_per_image(tmp_path, capsys):
         assert sample["jpg"] == (image_dir / f"COCO_val2014_{image_id:012d}.jpg").read_bytes()
 
 
+def test_questions_give_an_answer_list_and_a_held_out_vqa_file(tmp_path, capsys):
+    images = tmp_path / "img"
+    images.mkdir()
+    entries = []
+    for n in range(6):
+        Image.new("RGB", (8, 8), (n * 40, 0, 0)).save(images / f"{n}.png")
+        entries += [{"image": f"img/{n}.png", "question": "what colour?", "answer": ["red"] * 7 + ["Two"] * 3},
+                    {"image": f"img/{n}.png", "question": "how many?", "answer": ["2"] * (n + 1)}]
+    (tmp_path / "vqa.json").write_text(json.dumps(entries))
+    code, out, _ = run(capsys, "convert", tmp_path / "vqa.json", "--holdout", 2, "--out", tmp_path / "out")
+    assert code == 0 and "wrote the 2 most frequent answers" in out
+    assert json.loads((tmp_path / "out" / "answer_list.json").read_text()) == ["red", "2"]  # "Two" pools with 2
+    held = json.loads((tmp_path / "out" / "holdout_vqa.json").read_text())
+    assert len(held) == 4 and {e["question"] for e in held} == {"what colour?", "how many?"}
+    assert not (tmp_path / "out" / "holdout.json").exists()  # no captions to retrieve
+    assert len(read_shards(tmp_path / "out")) == 4
+
+
 def test_msrvtt_videos_keep_their_bytes(tmp_path, write_mp4, capsys):
     videos = tmp_path / "videos"
     videos.mkdir()

@@ -347,3 +347,27 @@ def test_collated_batches_carry_the_reader_position(tmp_path):
     batch = next(iter(stream))
     assert batch["image"].shape == (4, 3, 16, 16) and batch["num_seen"] == 4
     assert batch["stream_state"] == {"slot": 0, "sources": [[0, 4]], "draws": 4}
+
+
+def test_train_py_streams_shapesworld_shards_with_riding_questions_and_resumes(tmp_path, tiny_overrides,
+                                                                              tiny_shapes):
+    """The demo config on image and video shards (`make_data.py shapes --shards`): alignment samples carry
+    their questions from the shards' .json, both answer heads train, a resumed run continues the streams."""
+    from mmfm.data.shapes import write_shards as write_shapes_shards
+
+    write_shapes_shards(tiny_shapes)
+    train = [sys.executable, str(ROOT / "tools" / "train.py"), "--config", str(ROOT / "configs" / "demo_shapes.yaml"),
+             "--output", str(tmp_path / "run"), "--quiet", "--no-eval", *tiny_overrides, "data.num_workers=2",
+             "data.sources=[{shards: shards, task: image_text}, {shards: video_shards, task: video_text}]",
+             "train.save_every=3", "train.max_minutes=0"]
+    first = subprocess.run(train + ["train.max_steps=3"], capture_output=True, text=True, timeout=600, check=False)
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = subprocess.run(train + ["train.max_steps=6", "--resume", "latest"], capture_output=True, text=True,
+                           timeout=600, check=False)
+    assert again.returncode == 0, again.stderr[-3000:]
+    history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in history] == list(range(1, 7))
+    assert {"vqa", "video_qa", "loss/image_text", "loss/video_text"} <= {k for r in history for k in r}
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step_00000006" / "data_state.json").read_text())
+    assert set(state["streams"]) == {"image_text", "video_text"} and state["layout"]["workers"] == 1
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["bad_samples"] == 0

@@ -248,3 +248,24 @@ def test_resuming_a_checkpoint_without_ema_with_ema_on_says_what_to_do(tiny_shap
     with pytest.raises(ModelError, match="ema.safetensors is missing.*resume with train.ema_decay=0"):
         train(_config(tiny_shapes, "train.max_steps=2", "train.ema_decay=0.9"), tmp_path, resume="latest",
               quiet=True, run_eval=False)
+
+
+def test_a_new_answer_list_keeps_the_rows_of_the_answers_the_init_model_knows(tmp_path):
+    from mmfm.models.io import save_model
+    from mmfm.run import initial_model
+
+    cfg = load_config(None, [*TINY_MODEL, "model.answer_pair_features=true", "train.tasks={vqa: 1.0}"])
+    old = initial_model(cfg, {"vqa": ["a", "b", "c"]})
+    with torch.no_grad():
+        for layer in (old.answer_heads["vqa"][-1], old.answer_pair_heads["vqa"]):
+            layer.weight.normal_()
+            layer.bias.normal_()
+    save_model(old, tmp_path / "old.safetensors")
+    cfg = load_config(None, [*TINY_MODEL, "model.answer_pair_features=true", "train.tasks={vqa: 1.0}",
+                             f"train.init={tmp_path / 'old.safetensors'}"])
+    new = initial_model(cfg, {"vqa": ["c", "x", "A"]})  # "A" normalises to "a"
+    for head in (lambda m: m.answer_heads["vqa"][-1], lambda m: m.answer_pair_heads["vqa"]):
+        before, after = head(old), head(new)
+        assert torch.equal(after.weight[0], before.weight[2]) and torch.equal(after.bias[2], before.bias[0])
+        assert not any(torch.equal(after.weight[1], before.weight[k]) for k in range(3))
+    assert torch.equal(new.answer_heads["vqa"][0].weight, old.answer_heads["vqa"][0].weight)

@@ -116,10 +116,15 @@ def test_truncated_mkv_warns_and_loads_what_is_there(tmp_path, write_mp4):
     assert bar == video.frame_indices(readable, 4).tolist()
 
 
+def _decord_fails(*args, **kwargs):
+    raise video.UnreadableFile(args[1], "cannot decode frames (decord2 < 3.4 on 48 or 96 px wide frames)")
+
+
 def test_truncated_video_in_the_pyav_fallback_warns(tmp_path, write_mp4, monkeypatch):
-    full = write_mp4(tmp_path / "w96.mkv", _frames(48, 32, 96, 1))  # decord2 cannot read 96-px-wide frames
+    full = write_mp4(tmp_path / "w96.mkv", _frames(48, 32, 96, 1))
     calls = []
     fallback = video._read_frames_pyav
+    monkeypatch.setattr(video, "read_frames", _decord_fails)  # what older decord2 did on this width
     monkeypatch.setattr(video, "_read_frames_pyav", lambda *args: calls.append(args) or fallback(*args))
     with pytest.warns(UserWarning, match=r"truncated_w96.mkv: only \d+ of the 48 frames"):
         clip = load_clip(_truncate(full), 4)

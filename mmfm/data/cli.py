@@ -38,7 +38,8 @@ def register(subparsers) -> None:
                       help="where relative media paths start (default: the folder of the SRC file)")
     conv.add_argument("--split", help="karpathy JSON: keep these splits, comma-separated (train,restval)")
     conv.add_argument("--holdout", type=int, default=0, metavar="N",
-                      help="write N media (seeded choice) to OUT/holdout.json instead, for retrieval eval")
+                      help="write N media (seeded choice) to OUT/holdout.json (and their questions to "
+                           "OUT/holdout_vqa.json) instead, for evaluation")
     conv.add_argument("--seed", type=int, default=0, help="seed of the --holdout choice (default 0)")
     conv.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
     conv.add_argument("--workers", type=int, default=os.cpu_count() or 1,
@@ -67,7 +68,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
     else:
         print(f"wrote {summary['samples']} entries to {args.out / 'annotations.json'}")
     if summary["held_out"]:
-        print(f"held out {summary['held_out']} media in {args.out / 'holdout.json'}")
+        files = [str(args.out / name) for name in ("holdout.json", "holdout_vqa.json") if (args.out / name).exists()]
+        print(f"held out {summary['held_out']} media in {' and '.join(files)}")
+    if summary["answers"]:
+        print(f"wrote the {summary['answers']} most frequent answers to {args.out / 'answer_list.json'}")
     listed = f" (all listed in {args.out / MANIFEST})" if args.to == "shards" else ""
     _print_bad(summary["bad"], listed)
     return 0

@@ -39,7 +39,14 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from mmfm.data.formats import captions_of, load_annotations, load_msrvtt, load_vqav2, read_json
+from mmfm.data.formats import (
+    captions_of,
+    load_annotations,
+    load_msrvtt,
+    load_vqav2,
+    normalize_answer,
+    read_json,
+)
 from mmfm.data.transforms import UnreadableFile
 from mmfm.data.video import probe_video
 from mmfm.errors import DataError
@@ -47,6 +54,7 @@ from mmfm.fileio import atomic_path, atomic_write_text
 
 FORMAT = "mmfm-shards/1"
 MANIFEST = "_manifest.json"
+ANSWER_LIST_SIZE = 3129  # the size of the VQAv2 answer lists of BUTD / ViLT / ALBEF-style heads
 FORMATS = ("csv", "tsv", "folder", "karpathy", "vqav2", "msrvtt", "albef")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 VIDEO_EXTS = (".mp4", ".webm", ".mkv", ".avi", ".mov")
@@ -475,20 +483,40 @@ def _check_chunk(records: list[dict]) -> list[str | None]:
 
 def split_holdout(records: list[dict], count: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
     """(the rest, `count` captioned records chosen by `seed`), both in source order."""
-    candidates = [i for i, r in enumerate(records) if r["captions"]]
+    candidates = [i for i, r in enumerate(records) if r["captions"] or r["questions"]]
     if not 0 <= count < len(candidates):
-        raise DataError(f"--holdout {count}: the source has {len(candidates)} captioned media; hold out "
-                        f"fewer so some are left to convert")
+        raise DataError(f"--holdout {count}: the source has {len(candidates)} media with captions or questions; "
+                        f"hold out fewer so some are left to convert")
     chosen = set(random.Random(seed).sample(candidates, count))
     rest = [r for i, r in enumerate(records) if i not in chosen]
     return rest, [r for i, r in enumerate(records) if i in chosen]
 
 
 def write_holdout(records: list[dict], out_dir, workers: int = 1) -> tuple[int, list[dict]]:
-    """`OUT/holdout.json` in the ALBEF retrieval format (absolute media paths); (entries, bad records)."""
+    """`OUT/holdout.json` (captioned media, ALBEF retrieval format) and `OUT/holdout_vqa.json` (their
+    questions, ALBEF VQA format), absolute media paths; each written when it has entries; (media, bad records)."""
     good, bad = check_media(records, workers)
-    atomic_write_text(_out_dir(out_dir) / "holdout.json", _dump([_retrieval_entry(r) for r in good]))
+    retrieval = [_retrieval_entry(r) for r in good if r["captions"]]
+    questions = [_question_entry(r, q) for r in good for q in r["questions"]]
+    for name, entries in (("holdout.json", retrieval), ("holdout_vqa.json", questions)):
+        if entries:
+            atomic_write_text(_out_dir(out_dir) / name, _dump(entries))
     return len(good), bad
+
+
+def write_answer_list(records: list[dict], out_dir, limit: int = ANSWER_LIST_SIZE) -> int:
+    """`OUT/answer_list.json`: the `limit` most frequent (normalised) answers of the records' questions, the
+    classes of a VQA head trained on them; written when there are questions. Returns its length."""
+    counts = Counter(normalize_answer(a) for r in records for q in r["questions"] for a in _answers(q))
+    answers = [answer for answer, _ in counts.most_common(limit) if answer]
+    if answers:
+        atomic_write_text(_out_dir(out_dir) / "answer_list.json", _dump(answers))
+    return len(answers)
+
+
+def _answers(question: dict) -> list[str]:
+    answer = question.get("answer", [])
+    return [answer] if isinstance(answer, str) else [a for a in answer if isinstance(a, str)]
 
 
 def _retrieval_entry(record: dict) -> dict:
@@ -531,6 +559,7 @@ def convert(paths, out_dir, *, to: str = "shards", fmt: str | None = None, holdo
     else:
         summary["samples"], media_bad = write_json(records, out_dir, workers=workers, quiet=quiet)
         summary["bad"] = bad + media_bad
+    summary["answers"] = write_answer_list(records, out_dir)
     if not summary["samples"]:
         raise DataError(f"{source}: every media file is bad (first: {summary['bad'][0]['reason']} at "
                         f"{summary['bad'][0]['source']}); fix the files or the paths (--root)")
