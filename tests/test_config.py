@@ -1,5 +1,7 @@
 """Typed configs: YAML + dotted overrides, unknown keys named with the closest valid one."""
 
+from pathlib import Path
+
 import pytest
 
 from mmfm.config import load_config
@@ -93,3 +95,9 @@ def test_cli_override_with_a_yaml_tag_prints_one_line_and_exits_2(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr and not marker.exists()
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith("mmfm train: error: override model.width=") and "YAML tags" in lines[-1]
+
+
+@pytest.mark.parametrize("path", sorted(str(p) for p in Path(__file__).resolve().parent.parent.glob("configs/**/*.yaml")))
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert cfg.train.tasks and cfg.model.arch
