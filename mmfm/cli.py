@@ -6,7 +6,7 @@ import sys
 
 from mmfm.errors import MmfmError
 
-COMMAND_MODULES = ("mmfm.run", "mmfm.data.cli", "mmfm.zoo.cli", "mmfm.inference.cli")
+COMMAND_MODULES = ("mmfm.run", "mmfm.data.cli", "mmfm.zoo.cli", "mmfm.inference.cli", "mmfm.inference.export")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -154,6 +154,9 @@ class EvalConfig:
     video_retrieval: str = "annotations/video_test.json"
     video_qa: str = "annotations/videoqa_test.json"
     segmentation: str = "annotations/seg_test.json"
+    zeroshot: str = ""    # an ImageFolder (ROOT/class_name/*.jpg) for the zeroshot metric; "" = none
+    zeroshot_scenes: str = "annotations/scenes_test.json"  # ShapesWorld: its single-object images' shape / colour
+    zeroshot_templates: list = field(default_factory=list)  # prompt templates, "{}" = the class; [] = the defaults
     metrics: list = field(default_factory=lambda: ["retrieval", "binding", "vqa"])
     k_test: int = 16
     rerank_score: str = "itm+itc"    # ITM re-rank score: itm+itc (LAVIS) or itm (ALBEF's Retrieval.py)

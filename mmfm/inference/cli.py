@@ -1,8 +1,9 @@
-"""`mmfm index build`, `mmfm search`, `mmfm vqa`, `mmfm serve`: the inference API from the shell.
+"""`mmfm index build`, `mmfm search`, `mmfm vqa`, `mmfm classify`, `mmfm serve`: the inference API from the shell.
 
     mmfm index build --model M --images 'photos/*.jpg' --out idx/     # or --images DIR, --videos ...
     mmfm search --index idx/ --model M --text "a red circle" --k 10 --rerank 16 [--json]
     mmfm vqa --model M --image photo.png --question "what colour is the circle?"
+    mmfm classify --model M --image photo.png --labels "circle,square,star" [--json]
     mmfm serve --model M --index idx/ --host 127.0.0.1 --port 8000 [--max-decode-pixels N]
 
 M is a zoo name, a run directory or a .safetensors file. torch is imported only when a command runs.
@@ -29,6 +30,13 @@ def register(subparsers) -> None:
     media.add_argument("--videos", help="a directory or a glob of video files")
     build.add_argument("--out", required=True, help="index directory to write")
     build.add_argument("--batch-size", type=int, default=64)
+    build.add_argument("--chunk-size", type=int, default=1024,
+                       help="items encoded between saves to OUT/build.partial; a re-run of an interrupted "
+                            "build with the same arguments continues after the last saved chunk")
+    build.add_argument("--approximate-from", type=int, default=None, metavar="N",
+                       help="search approximately (faiss) from N items on, exactly below (default 100000)")
+    build.add_argument("--ann", default=None, metavar="KIND",
+                       help="approximate structure: pq (default: PQ fast-scan + exact re-scoring), ivf, hnsw")
     build.set_defaults(func=cmd_index_build)
 
     search = subparsers.add_parser("search", help="search an index with a text (or an image / video)")
@@ -53,7 +61,19 @@ def register(subparsers) -> None:
     vqa.add_argument("--json", action="store_true", help="print the answers as JSON")
     vqa.set_defaults(func=cmd_vqa)
 
-    serve = subparsers.add_parser("serve", help="HTTP server: POST /search, POST /vqa, GET /health")
+    classify = subparsers.add_parser("classify", help="zero-shot classify images (or videos) against class labels")
+    _model_argument(classify)
+    classify.add_argument("--image", action="append", required=True,
+                          help="an image (or video) file; repeat for several")
+    classify.add_argument("--labels", required=True, help="class names: comma-separated (cat,dog) or a JSON list")
+    classify.add_argument("--templates", nargs="+", default=None,
+                          help="prompt templates, {} where the label goes (default: 'a photo of a {}.' and 3 more)")
+    classify.add_argument("--topk", type=int, default=5)
+    classify.add_argument("--json", action="store_true", help="print the labels as JSON")
+    classify.set_defaults(func=cmd_classify)
+
+    serve = subparsers.add_parser("serve", help="HTTP server and web page: GET /, POST /search, POST /vqa, "
+                                                "POST /classify, GET /health")
     _model_argument(serve)
     serve.add_argument("--index", help="index directory for /search")
     serve.add_argument("--host", default="127.0.0.1")
@@ -93,11 +113,22 @@ def expand_files(pattern: str, kind: str) -> list[str]:
 
 
 def cmd_index_build(args: argparse.Namespace) -> int:
+    import shutil
+    import sys
+
+    from mmfm.inference.index import ApproxSearch
+
     kind = "image" if args.images else "video"
     files = expand_files(args.images or args.videos, kind)
+    settings = {name: value for name, value in (("min_items", args.approximate_from), ("kind", args.ann))
+                if value is not None}
+    approx = ApproxSearch(**settings)
     pipe = _pipeline(args)
-    index = pipe.index(**{f"{kind}s": files}, batch_size=args.batch_size, progress=not args.quiet)
+    partial = Path(args.out) / "build.partial"
+    index = pipe.index(**{f"{kind}s": files}, batch_size=args.batch_size, approx=approx, partial=partial,
+                       chunk_size=args.chunk_size, progress=not args.quiet and sys.stderr.isatty())
     index.save(args.out)
+    shutil.rmtree(partial)
     print(f"indexed {len(index)} {kind}s -> {args.out}")
     return 0
 
@@ -127,6 +158,23 @@ def cmd_vqa(args: argparse.Namespace) -> int:
     else:
         for answer, probability in answers:
             print(f"{probability:.4f}  {answer}")
+    return 0
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    from mmfm.inference.pipeline import check_labels, parse_labels, top_labels
+
+    labels, templates = check_labels(parse_labels(args.labels), args.templates)
+    ranked = top_labels(_pipeline(args).classify(args.image, labels, templates), labels, args.topk)
+    if args.json:
+        print(json.dumps([{"image": image, "labels": [{"label": label, "probability": p} for label, p in top]}
+                          for image, top in zip(args.image, ranked)], indent=2))
+        return 0
+    for image, top in zip(args.image, ranked):
+        if len(args.image) > 1:
+            print(image)
+        for label, probability in top:
+            print(f"{probability:.4f}  {label}")
     return 0
 
 

@@ -2,10 +2,12 @@
 
 Texts and images/videos go through the unimodal layers once (`encode_texts`, `encode_media`); the
 fusion layers then score chosen (text, vision) pairs on those cached tokens (`itm_scores`) or answer
-questions (`predict_answers`). Metrics live in `mmfm.evaluation`; this module only encodes and scores.
+questions (`predict_answers`); `zeroshot_classifier` turns class names into ITC class features.
+Metrics live in `mmfm.evaluation`; this module only encodes and scores.
 """
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from mmfm.models.trunk import FusionContext, TokenBatch
@@ -22,6 +24,25 @@ def encode_texts(model, texts: list[str], batch_size: int = 256) -> tuple[TokenB
         xs.append(enc.tokens.x)
         feats.append(enc.feat)
     return TokenBatch(torch.cat(xs), mask.to(device)), torch.cat(feats)
+
+
+# Generic enough for any photo-like class names, and the phrasings ShapesWorld captions use
+# ("a picture of a red circle"); on mmfm-shapes-s they beat "{}" alone (docs/inference.md).
+DEFAULT_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a {}.")
+
+
+@torch.no_grad()
+def zeroshot_classifier(model, labels: list[str], templates, batch_size: int = 256) -> torch.Tensor:
+    """(C, E) class features by CLIP's prompt ensemble: each label in every template ("{}" marks where it
+    goes) through the text side, L2-normalised, averaged over the templates and L2-normalised again."""
+    prompts = [template.replace("{}", label) for label in labels for template in templates]
+    ids, mask = model.tokenizer(prompts)
+    device = next(model.parameters()).device
+    feats = torch.cat([model.encode_text(ids[start:start + batch_size].to(device),
+                                         mask[start:start + batch_size].to(device)).feat.float()
+                       for start in range(0, len(prompts), batch_size)])
+    feats = F.normalize(feats, dim=-1).view(len(labels), len(templates), -1).mean(dim=1)
+    return F.normalize(feats, dim=-1)
 
 
 @torch.no_grad()

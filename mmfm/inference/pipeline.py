@@ -4,6 +4,8 @@
     index = pipe.index(images=paths)               # gallery: features + cached unimodal tokens
     hits = index.search(text="a red circle", k=10, rerank=16)
     pipe.answer("photo.png", "what colour is the circle?", topk=5)   # [(answer, probability), ...]
+    probs = pipe.classify(["a.png", "b.png"], ["circle", "star"])  # (2, 2) zero-shot probabilities
+    top_labels(probs, ["circle", "star"], topk=1)                  # [[("circle", 0.98)], [("star", 0.91)]]
 
 Every file a user hands in is decoded here; an unreadable one raises `InputError` naming the file.
 Videos are recognised by their extension, or, for unknown extensions, by decord opening what PIL cannot.
@@ -16,9 +18,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import reprlib
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 import torch
@@ -35,8 +39,14 @@ from mmfm.data.transforms import (
     load_image,
 )
 from mmfm.errors import InputError, ModelError
-from mmfm.inference.encode import encode_texts, itm_scores, predict_answers
-from mmfm.inference.index import Hit, Index
+from mmfm.inference.encode import (
+    DEFAULT_TEMPLATES,
+    encode_texts,
+    itm_scores,
+    predict_answers,
+    zeroshot_classifier,
+)
+from mmfm.inference.index import ApproxSearch, Hit, Index, PartialBuild
 from mmfm.models.model import MMFM, Encoded
 from mmfm.models.trunk import TokenBatch
 from mmfm.tasks import answer_heads_by_modality
@@ -44,6 +54,9 @@ from mmfm.tasks import answer_heads_by_modality
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 VIDEO_EXTENSIONS = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv"}
 DECODE_THREADS = 2
+MAX_LABELS = 1000     # ImageNet's 1,000 classes; a softmax over more is rarely what a user means
+MAX_TEMPLATES = 100   # CLIP's ImageNet ensemble has 80
+CACHED_CLASSIFIERS = 8
 
 
 class Pipeline:
@@ -59,6 +72,8 @@ class Pipeline:
         self.num_frames = int(pre.get("num_frames", 8))
         self.transform = eval_transform(self.image_size, mean=tuple(pre.get("mean", IMAGENET_MEAN)),
                                         std=tuple(pre.get("std", IMAGENET_STD)))
+        # A server classifies many uploads against the same labels: their text side is encoded once.
+        self._class_features = lru_cache(CACHED_CLASSIFIERS)(self._encode_classes)
 
     def __repr__(self) -> str:
         return f"Pipeline({self.name or 'model'}, device={self.device}, image_size={self.image_size})"
@@ -149,8 +164,15 @@ class Pipeline:
     # ---- retrieval ------------------------------------------------------------------------------
 
     def index(self, images: list | None = None, videos: list | None = None, texts: list[str] | None = None,
-              ids: list[str] | None = None, batch_size: int = 64, progress: bool = True) -> Index:
-        """Encode a gallery (exactly one of images / videos / texts) once; returns an Index bound to self."""
+              ids: list[str] | None = None, batch_size: int = 64, progress: bool = True,
+              approx: ApproxSearch | None = None, partial: str | Path | None = None,
+              chunk_size: int = 1024) -> Index:
+        """Encode a gallery (exactly one of images / videos / texts) once; returns an Index bound to self.
+
+        ``approx``: when and how the index searches approximately (default `ApproxSearch()`). ``partial``
+        (images / videos): a directory where each finished chunk of ``chunk_size`` items is saved; a re-run
+        with the same items, ids and model continues after the last finished chunk (`PartialBuild`).
+        """
         given = {k: v for k, v in (("image", images), ("video", videos), ("text", texts)) if v is not None}
         if len(given) != 1:
             raise InputError("index takes exactly one of images=, videos=, texts=")
@@ -162,19 +184,34 @@ class Pipeline:
         if len(ids) != len(items):
             raise InputError(f"ids: {len(ids)} ids for {len(items)} {modality}s")
         if modality == "text":
+            if partial is not None:
+                raise InputError("partial= resumes image and video builds; texts are encoded in one call")
             tokens, features = self.encode_texts(items)
         else:
-            tokens, features = self._encode_files(items, modality, batch_size, progress)
+            resume = None if partial is None else PartialBuild(partial, items, ids, modality, self.fingerprint,
+                                                               chunk_size)
+            tokens, features = self._encode_files(items, modality, batch_size, progress, resume)
         metadata = {"model": self.name, "image_size": self.image_size, "num_frames": self.num_frames}
-        return Index(modality, ids, features, tokens, self.fingerprint, metadata, pipeline=self)
+        return Index(modality, ids, features, tokens, self.fingerprint, metadata, pipeline=self, approx=approx)
 
     @torch.inference_mode()
-    def _encode_files(self, paths: list[str], modality: str, batch_size: int,
-                      progress: bool) -> tuple[TokenBatch, torch.Tensor]:
-        """Encode files in batches into preallocated contiguous (N, L, D) tokens and (N, E) features."""
+    def _encode_files(self, paths: list[str], modality: str, batch_size: int, progress: bool,
+                      partial: PartialBuild | None = None) -> tuple[TokenBatch, torch.Tensor]:
+        """Encode files into contiguous (N, L, D) tokens and (N, E) features; with ``partial``, chunk by
+        chunk, each saved when finished, skipping the chunks a previous run finished."""
         read = self.read_video if modality == "video" else self.read_image
+        with tqdm(total=len(paths), desc=f"index {modality}s", unit=modality, disable=not progress) as bar:
+            if partial is None:
+                return self._encode_batches(paths, read, batch_size, bar)
+            bar.update(partial.finished)
+            for start in range(partial.finished, len(paths), partial.chunk_size):
+                chunk = paths[start:start + partial.chunk_size]
+                partial.write(start, *self._encode_batches(chunk, read, batch_size, bar))
+        return partial.read()
+
+    def _encode_batches(self, paths: list[str], read, batch_size: int, bar) -> tuple[TokenBatch, torch.Tensor]:
+        """Encode files in batches into preallocated contiguous (N, L, D) tokens and (N, E) features."""
         tokens = features = roll = None
-        bar = tqdm(total=len(paths), desc=f"index {modality}s", unit=modality, disable=not progress)
         start = 0
         for pixels in _prefetched_batches(paths, read, batch_size):
             encoded = self.encode_pixels(pixels)
@@ -186,7 +223,6 @@ class Pipeline:
             tokens[start:stop], features[start:stop] = encoded.tokens.x, encoded.feat
             start = stop
             bar.update(len(pixels))
-        bar.close()
         return TokenBatch(tokens, roll=roll), features
 
     def search(self, index: Index, text: str | None = None, image: str | None = None,
@@ -230,6 +266,101 @@ class Pipeline:
             raise InputError(f"topk={topk!r}: must be a positive integer")
         _check_texts(questions, "question")
         return predict_answers(self.model, head, pixels, list(questions), topk)
+
+    # ---- zero-shot classification ---------------------------------------------------------------
+
+    def classify(self, images, labels: list[str], templates: list[str] | None = None,
+                 batch_size: int = 64) -> torch.Tensor:
+        """Zero-shot probabilities (N, len(labels)) of N image / video files (one path: N = 1), CLIP-style.
+
+        Column j is ``labels[j]``; each row sums to 1 (`top_labels` ranks them). Every label is put in
+        every template ("{}" marks where; default `DEFAULT_TEMPLATES`) and the prompts' ITC features
+        are averaged (CLIP's prompt ensemble); a file's ITC feature against them, over the model's
+        temperature, gives the softmax. Raises InputError for bad labels / templates or unreadable files.
+        """
+        paths = [images] if isinstance(images, str | Path) else list(images)
+        if not paths:
+            raise InputError("classify: pass an image path or a non-empty list of image / video paths")
+        labels, templates = check_labels(labels, templates)
+        return torch.cat([self._classify_files(paths[start:start + batch_size], labels, templates)
+                          for start in range(0, len(paths), batch_size)])
+
+    def _classify_files(self, paths: list, labels: list[str], templates: list[str]) -> torch.Tensor:
+        media = [self.read_media(path) for path in paths]
+        probabilities = torch.empty(len(paths), len(labels))
+        for kind in ("image", "video"):
+            rows = [i for i, (k, _) in enumerate(media) if k == kind]
+            if rows:
+                pixels = torch.stack([media[i][1] for i in rows])
+                probabilities[rows] = self.classify_pixels(pixels, labels, templates)
+        return probabilities
+
+    @torch.inference_mode()
+    def classify_pixels(self, pixels: torch.Tensor, labels: list[str],
+                        templates: list[str] | None = None) -> torch.Tensor:
+        """`classify` for stacked (B, 3, H, W) images or (B, T, 3, H, W) videos -> (B, len(labels)) on CPU."""
+        labels, templates = check_labels(labels, templates)
+        classes = self._class_features(tuple(labels), tuple(templates))
+        logits = self.encode_pixels(pixels).feat.float() @ classes.t() / self.model.temp.float()
+        return logits.softmax(dim=-1).cpu()
+
+    def _encode_classes(self, labels: tuple[str, ...], templates: tuple[str, ...]) -> torch.Tensor:
+        return zeroshot_classifier(self.model, list(labels), list(templates))
+
+
+def check_labels(labels, templates=None) -> tuple[list[str], list[str]]:
+    """(labels, templates) checked for zero-shot classification; templates None -> `DEFAULT_TEMPLATES`."""
+    if isinstance(labels, str) or not len(labels):
+        raise InputError("labels: pass a non-empty list of class names, e.g. ['cat', 'dog']")
+    if len(labels) > MAX_LABELS:
+        raise InputError(f"labels: {len(labels)} labels, more than the limit of {MAX_LABELS}; pass fewer classes")
+    _check_texts(labels, "label")
+    repeated = sorted(label for label, count in Counter(labels).items() if count > 1)
+    if repeated:
+        raise InputError(f"labels: {reprlib.repr(repeated)} given more than once; pass each class once")
+    templates = list(DEFAULT_TEMPLATES if templates is None else templates)
+    if not templates or len(templates) > MAX_TEMPLATES:
+        raise InputError(f"templates: {len(templates)} templates; pass 1 to {MAX_TEMPLATES}, or none for the "
+                         "defaults")
+    for template in templates:
+        if not isinstance(template, str) or "{}" not in template:
+            raise InputError(f"template {reprlib.repr(template)} has no '{{}}' where the label goes; "
+                             "write e.g. 'a photo of a {}.'")
+    return list(labels), templates
+
+
+def parse_labels(text: str) -> list[str]:
+    """Class names from one string: a JSON list (``["a, b", "c"]``) or comma-separated (``cat, dog``), stripped."""
+    labels = _json_list(text, "labels") if text.lstrip().startswith("[") else text.split(",")
+    return [label.strip() for label in labels]
+
+
+def parse_templates(values: list) -> list[str] | None:
+    """Templates from form fields, each one template or a JSON list of them; None when there are none."""
+    templates = []
+    for value in values:
+        is_list = isinstance(value, str) and value.lstrip().startswith("[")
+        templates.extend(_json_list(value, "templates") if is_list else [value])
+    return templates or None
+
+
+def _json_list(text: str, field: str) -> list[str]:
+    try:
+        items = json.loads(text)
+    except ValueError:
+        items = None
+    if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+        raise InputError(f"{field} {reprlib.repr(text)}: not a JSON list of strings; send e.g. [\"cat\", \"dog\"]")
+    return items
+
+
+def top_labels(probabilities: torch.Tensor, labels: list[str], topk: int = 5) -> list[list[tuple[str, float]]]:
+    """The ``topk`` most probable (label, probability) of each row of `Pipeline.classify`, best first."""
+    if not isinstance(topk, int) or topk < 1:
+        raise InputError(f"topk={topk!r}: must be a positive integer")
+    top = probabilities.topk(min(topk, probabilities.shape[1]), dim=1)
+    return [[(labels[j], float(p)) for p, j in zip(row_p, row_j)]
+            for row_p, row_j in zip(top.values.tolist(), top.indices.tolist())]
 
 
 def _image_error(path, err: UnreadableFile) -> InputError:

@@ -6,16 +6,22 @@
 Endpoints:
 - ``GET /health`` -> {"status": "ok", "model", "device", "index": {"modality", "size"} | null}
 - ``POST /search`` JSON ``{"text": str, "k": 10, "rerank": null|int}``, or multipart with a file under
-  ``image`` / ``video`` / ``file`` (+ optional ``k`` / ``rerank`` fields) -> {"hits": [{"id", "score", ...}]}
+  ``image`` / ``video`` / ``file`` (+ optional ``k`` / ``rerank`` fields)
+  -> {"hits": [{"id", "position", "score", "itc", "itm"}]} (``itc`` / ``itm`` when re-ranked)
 - ``POST /vqa`` multipart: file under ``image`` / ``video`` / ``file`` + ``question`` (+ ``topk``)
   -> {"answers": [{"answer", "probability"}]}
+- ``POST /classify`` multipart: file + ``labels`` (comma-separated or a JSON list; + ``templates``, ``topk``)
+  -> {"labels": [{"label", "probability"}]} (zero-shot, CLIP-style prompt ensembling)
+- the web page: ``GET /`` (+ ``/static/...``), ``GET /model`` (the model card), ``GET /thumb/{position}``
+  and ``GET /item/{position}`` (a gallery item's thumbnail and file, by its place in the index, which
+  every /search hit gives as ``position``); see `mmfm.inference.web`
 
 Every error is a JSON ``{"error": {"type", "message"}}`` with a 4xx status: 400 for unreadable files,
 empty texts / questions, malformed JSON (syntax, nesting, over-long numbers) or fields (``k`` /
 ``rerank`` / ``topk`` are ASCII integers in ``INT_FIELD_RANGES``) and malformed multipart; 404 for an
-unknown route; 405 for a wrong method; 413 for a body over ``max_upload_mb``. The framework's own errors
-are rewritten into that body; anything unexpected is a JSON 500 that hides internals. ``/openapi.json``
-declares the request bodies and the error responses.
+unknown route or gallery position; 405 for a wrong method; 413 for a body over ``max_upload_mb``. The
+framework's own errors are rewritten into that body; anything unexpected is a JSON 500 that hides
+internals. ``/openapi.json`` declares the request bodies and the error responses.
 
 Micro-batching: handlers decode uploads in the thread pool, then submit the pixels/texts to a
 `MicroBatcher`. Its loop takes the first queued request, waits ``batch_wait_ms`` for more, groups them
@@ -43,14 +49,35 @@ from pathlib import Path
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from mmfm.errors import InputError, MmfmError
 from mmfm.inference.index import Index
-from mmfm.inference.pipeline import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, Pipeline
+from mmfm.inference.pipeline import (
+    IMAGE_EXTENSIONS,
+    VIDEO_EXTENSIONS,
+    Pipeline,
+    check_labels,
+    parse_labels,
+    parse_templates,
+    top_labels,
+)
+from mmfm.inference.web import (
+    STATIC,
+    STRIP_FRAMES,
+    THUMB_CACHE,
+    ItemNotFound,
+    endpoints,
+    etag,
+    etags,
+    gallery_file,
+    model_card,
+    thumbnail_jpeg,
+)
 
 MEDIA_FIELDS = ("image", "video", "file")
 MAX_HITS = 10_000
@@ -120,7 +147,7 @@ def framework_error(request: Request, err: HTTPException) -> JSONResponse:
     """The framework's own errors (unknown route, wrong method, bad multipart) in the documented body."""
     route = f"{request.method} {request.url.path}"
     if err.status_code == 404:
-        message = f"no route {route}; the endpoints are GET /health, POST /search, POST /vqa (/openapi.json)"
+        message = f"no route {route}; the endpoints are {', '.join(endpoints(request.app))} (/openapi.json)"
     elif err.status_code == 405:
         message = f"{route}: method not allowed; use {(err.headers or {}).get('Allow', 'another method')}"
     else:
@@ -156,6 +183,7 @@ def _error_doc(description: str) -> dict:
 
 
 BAD_METHOD = {405: _error_doc("wrong method for this path (the Allow header names the right one)")}
+NO_ITEM = {**BAD_METHOD, 404: _error_doc("no gallery item at this position, or it is not a file")}
 BAD_REQUEST = {400: _error_doc("unreadable file, empty text / question, malformed field or body"),
                **BAD_METHOD, 413: _error_doc("request body over the server's --max-upload-mb")}
 _FILE = {"type": "string", "format": "binary"}
@@ -179,6 +207,12 @@ SEARCH_BODY = _body(("application/json", {"text": _TEXT, "k": _K, "rerank": _RER
                      "an image / video query: exactly one of image, video, file"))
 VQA_BODY = _body(("multipart/form-data", {**_MEDIA, "question": _TEXT, "topk": _TOPK}, ["question"],
                   "exactly one of image, video, file, and a question"))
+_LABELS = {**_TEXT, "description": "class names, comma-separated (cat,dog) or a JSON list ([\"cat\", \"dog\"])"}
+_TEMPLATES = {"type": "array", "items": _TEXT,
+              "description": "prompt templates, {} where the label goes: repeat the field or send one JSON "
+                             "list (default: 4 built in)"}
+CLASSIFY_BODY = _body(("multipart/form-data", {**_MEDIA, "labels": _LABELS, "templates": _TEMPLATES, "topk": _TOPK},
+                       ["labels"], "exactly one of image, video, file, and the class labels"))
 
 
 # ---- micro-batching -----------------------------------------------------------------------------
@@ -244,6 +278,9 @@ def batched_runner(pipeline: Pipeline, index: Index | None):
             return index.search_texts(items, k=key[1], rerank=key[2])
         if kind == "search_pixels":
             return index.search_pixels(torch.stack(items), k=key[2], rerank=key[3])
+        if kind == "classify":
+            labels, templates, topk = list(key[2]), list(key[3]), key[4]
+            return top_labels(pipeline.classify_pixels(torch.stack(items), labels, templates), labels, topk)
         pixels = torch.stack([pixels for pixels, _ in items])
         return pipeline.answer_pixels(key[1], pixels, [question for _, question in items], topk=key[2])
 
@@ -297,6 +334,7 @@ def create_app(pipeline: Pipeline, index: Index | None = None, max_upload_mb: fl
     if index is not None and index.pipeline is not pipeline:
         index.bind(pipeline)
     batcher = MicroBatcher(batched_runner(pipeline, index), batch_wait_ms / 1000.0, max_batch)
+    positions = {} if index is None else {item: position for position, item in enumerate(index.ids)}
     budget = DecodeBudget(pipeline.max_video_pixels if max_decode_pixels is None else max_decode_pixels)
 
     @asynccontextmanager
@@ -309,10 +347,38 @@ def create_app(pipeline: Pipeline, index: Index | None = None, max_upload_mb: fl
     app.state.decode_budget = budget
     app.add_middleware(BodySizeLimit, max_bytes=int(max_upload_mb * 1024 * 1024))
     app.add_exception_handler(UploadTooLarge, lambda _request, err: error_response(413, err))
+    app.add_exception_handler(ItemNotFound, lambda _request, err: error_response(404, err))
     app.add_exception_handler(MmfmError, lambda _request, err: error_response(400, err))
     app.add_exception_handler(HTTPException, framework_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(Exception, internal_error)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @app.get("/model", responses=BAD_METHOD)
+    async def model(request: Request):
+        return {**model_card(pipeline, index), "endpoints": endpoints(request.app)}
+
+    @app.get("/thumb/{position}", responses=NO_ITEM)
+    async def thumb(position: str, request: Request):
+        path = gallery_file(index, position)
+        headers = {"Cache-Control": THUMB_CACHE, "ETag": etag(path)}
+        if headers["ETag"] in etags(request.headers.get("if-none-match", "")):
+            return Response(status_code=304, headers=headers)
+        what = f"gallery item {position} ({path.name})"
+        kind, pixels = await run_in_threadpool(pipeline.decoded_pixels, path, index.modality)
+        if kind == "video":  # the strip decodes STRIP_FRAMES frames, not the model's num_frames
+            pixels = pixels // pipeline.num_frames * STRIP_FRAMES
+        async with budget.reserve(pixels, what):
+            jpeg = await run_in_threadpool(thumbnail_jpeg, pipeline, kind, path, what)
+        return Response(jpeg, media_type="image/jpeg", headers=headers)
+
+    @app.get("/item/{position}", responses=NO_ITEM)
+    async def item(position: str):
+        return FileResponse(gallery_file(index, position))
 
     @app.get("/health", responses=BAD_METHOD)
     async def health():
@@ -335,7 +401,7 @@ def create_app(pipeline: Pipeline, index: Index | None = None, max_upload_mb: fl
             body = await _json_body(request)
             text, k, rerank = _text_field(body, "text"), _int_field(body, "k", 10), _int_field(body, "rerank", None)
             hits = await batcher.submit(("search_text", k, rerank), text)
-        return {"hits": [hit.to_dict() for hit in hits]}
+        return {"hits": [{**hit.to_dict(), "position": positions[hit.id]} for hit in hits]}
 
     @app.post("/vqa", responses=BAD_REQUEST, openapi_extra=VQA_BODY)
     async def vqa(request: Request):
@@ -349,6 +415,21 @@ def create_app(pipeline: Pipeline, index: Index | None = None, max_upload_mb: fl
             await form.close()
         answers = await batcher.submit(("vqa", kind, topk), (pixels, question))
         return {"answers": [{"answer": a, "probability": p} for a, p in answers]}
+
+    @app.post("/classify", responses=BAD_REQUEST, openapi_extra=CLASSIFY_BODY)
+    async def classify(request: Request):
+        if not _is_form(request):
+            raise InputError("/classify takes multipart/form-data: a file under 'image' or 'video' and 'labels'")
+        form = await request.form()
+        try:
+            labels = parse_labels(_text_field(form, "labels"))
+            labels, templates = check_labels(labels, parse_templates(form.getlist("templates")))
+            topk = _int_field(form, "topk", 5)
+            kind, pixels = await _decoded_upload(pipeline, form, budget)
+        finally:
+            await form.close()
+        ranked = await batcher.submit(("classify", kind, tuple(labels), tuple(templates), topk), pixels)
+        return {"labels": [{"label": label, "probability": p} for label, p in ranked]}
 
     return app
 

@@ -175,7 +175,12 @@ class MMFM(nn.Module):
         return self.trunk.fuse(text, vision)
 
     def itm_logits(self, text: TokenBatch, vision: TokenBatch | FusionContext) -> torch.Tensor:
-        """(N, 2) no-match / match logits of aligned (text_i, vision_i) pairs.
+        """(N, 2) no-match / match logits of aligned (text_i, vision_i) pairs."""
+        return self.fused_itm_logits(self.fuse(text, vision), text, vision)
+
+    def fused_itm_logits(self, fused: TokenBatch, text: TokenBatch,
+                         vision: TokenBatch | FusionContext) -> torch.Tensor:
+        """``itm_logits`` from the pairs' ``fuse(text, vision)`` (one fusion pass can feed every head).
 
         The fused [CLS] is classified; with ``itm_pair_features`` a zero-initialised linear layer also reads
         the element-wise product of the pair's ITC features (over the temperature, without gradient into
@@ -183,7 +188,7 @@ class MMFM(nn.Module):
         carries a match signal, and until then ITM is noise added to the re-rank; the product makes the
         aligned similarity, and whatever binding ITC has learned, available to ITM from the first steps.
         """
-        logits = self.itm_head(self.fuse(text, vision).cls())
+        logits = self.itm_head(fused.cls())
         if self.itm_pair_head is None:
             return logits
         vision_tokens = vision.tokens if isinstance(vision, FusionContext) else vision
@@ -191,14 +196,19 @@ class MMFM(nn.Module):
         return logits + self.itm_pair_head(product / self.temp.detach().clamp(0.001, 0.5))
 
     def answer_logits(self, head: str, text: TokenBatch, vision: TokenBatch | FusionContext) -> torch.Tensor:
-        """(N, answers) logits from the fused [CLS] (ViLT's head).
+        """(N, answers) logits of answer head ``head`` for (question_i, vision_i) pairs."""
+        return self.fused_answer_logits(head, self.fuse(text, vision), text, vision)
+
+    def fused_answer_logits(self, head: str, fused: TokenBatch, text: TokenBatch,
+                            vision: TokenBatch | FusionContext) -> torch.Tensor:
+        """``answer_logits`` from the pairs' ``fuse(text, vision)``: the fused [CLS] classified (ViLT's head).
 
         With ``answer_pair_features`` a zero-initialised linear layer also reads the element-wise product
         of the question's and the image's unimodal [CLS] (after the final norm): low-rank bilinear pooling
         (MLB, Kim et al. 2017), a question-image interaction that a linear layer learns in a few steps
         while the fusion layers' attention is still near uniform.
         """
-        logits = self.answer_heads[head](self.fuse(text, vision).cls())
+        logits = self.answer_heads[head](fused.cls())
         if head not in self.answer_pair_heads:
             return logits
         vision_tokens = vision.tokens if isinstance(vision, FusionContext) else vision

@@ -3,12 +3,13 @@ negatives, MLM with distillation, all on one vision forward.
 
 An alignment batch that also carries one of its image's (video's) questions (``data.qa_with_captions``)
 trains that modality's answer head on the same fusion context, so the vision side is encoded once for all
-four objectives. Evaluated by retrieval (ALBEF/LAVIS: ITC top-k re-ranked by ITM), binding and the novel
-split (images), video retrieval (videos).
+four objectives. Evaluated by retrieval (ALBEF/LAVIS: ITC top-k re-ranked by ITM), binding, the novel
+split and CLIP-style zero-shot classification (images), video retrieval (videos).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -22,9 +23,10 @@ from mmfm.data import (
     VideoRetrievalEvalDataset,
     VideoTextDataset,
 )
+from mmfm.data.formats import read_json
 from mmfm.data.negatives import CaptionNegatives
 from mmfm.data.shards import CaptionDecoder
-from mmfm.errors import ConfigError
+from mmfm.errors import ConfigError, DataError
 from mmfm.models.model import Encoded
 from mmfm.models.trunk import TokenBatch
 from mmfm.objectives.distributed import gather_no_grad, gather_with_grad
@@ -79,7 +81,7 @@ class AlignTask(Task):
 class ImageText(AlignTask):
     name = "image_text"
     modality = "image"
-    metrics = ("retrieval", "novel", "binding")
+    metrics = ("retrieval", "novel", "binding", "zeroshot")
     question_head = "vqa"
 
     def build_dataset(self, cfg, answers):
@@ -101,6 +103,8 @@ class ImageText(AlignTask):
         if "binding" in wanted and (path := optional_path(cfg, cfg.eval.binding)):
             probes = BindingDataset(path, transform=images, **kwargs)
             metrics.update(evaluate_binding(model, eval_loader(probes, cfg)))
+        if "zeroshot" in wanted:
+            metrics.update(zeroshot(model, cfg, quiet))
         return metrics
 
 
@@ -130,6 +134,55 @@ def retrieval(model, cfg, dataset, key: str, quiet: bool) -> dict:
 
     return evaluate_retrieval(model, eval_loader(dataset, cfg), dataset, key, cfg.eval.k_test, quiet,
                               score=cfg.eval.rerank_score)
+
+
+def zeroshot(model, cfg, quiet: bool) -> dict:
+    """zeroshot_folder_* on the ImageFolder ``eval.zeroshot``, zeroshot_shape_* / zeroshot_color_* on the
+    single-object images of ``eval.zeroshot_scenes``; zeroshot_top1 / top5 their mean. Absent files: skipped.
+
+    Prompts: ``eval.zeroshot_templates`` for every set if given, else the default templates plus the set's own.
+    """
+    from mmfm.data.shapes import single_object_classes
+    from mmfm.evaluation.zeroshot import zeroshot_accuracy, zeroshot_metrics
+    from mmfm.inference.encode import DEFAULT_TEMPLATES
+
+    chosen = cfg.eval.zeroshot_templates
+    if not all(isinstance(t, str) and "{}" in t for t in chosen):
+        raise ConfigError(f"eval.zeroshot_templates={chosen}: give strings with {{}} where the class goes, "
+                          "e.g. ['a photo of a {}.']")
+    class_datasets = []
+    if path := optional_path(cfg, cfg.eval.zeroshot):
+        class_datasets.append(image_folder(path))
+    if path := optional_path(cfg, cfg.eval.zeroshot_scenes):
+        images, class_sets = single_object_classes(read_json(path))
+        if images:
+            class_datasets.append((images, class_sets))
+    accuracies = {}
+    for images, class_sets in class_datasets:
+        prompted = {name: (classes, targets, chosen or (*DEFAULT_TEMPLATES, *own))
+                    for name, (classes, targets, own) in class_sets.items()}
+        # A retrieval eval set is a list of images (and captions, unused here) that yields each one's index.
+        entries = [{"image": image, "caption": "", "image_id": i} for i, image in enumerate(images)]
+        dataset = RetrievalEvalDataset(entries, transform=transform(cfg, train=False), **dataset_kwargs(cfg))
+        accuracies.update(zeroshot_accuracy(model, eval_loader(dataset, cfg), prompted, quiet))
+    return zeroshot_metrics(accuracies)
+
+
+def image_folder(root: str) -> tuple[list[str], dict[str, tuple]]:
+    """An ImageFolder (``root/class_name/*.jpg``, torchvision's layout): image paths and the "folder" class set,
+    class names with "_" read as a space."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+    root = os.path.abspath(root)  # the dataset would join a relative path to data.root a second time
+    try:
+        classes, class_to_idx = find_classes(root)
+        samples = make_dataset(root, class_to_idx, IMG_EXTENSIONS, allow_empty=True)
+    except OSError as err:
+        raise DataError(f"eval.zeroshot {root}: {err}; lay it out as ROOT/class_name/image.jpg") from None
+    if not samples:
+        raise DataError(f"eval.zeroshot {root}: no images ({', '.join(IMG_EXTENSIONS)}) in its class folders")
+    names = tuple(name.replace("_", " ") for name in classes)
+    return [path for path, _ in samples], {"folder": (names, [target for _, target in samples], ())}
 
 
 def video_key(name: str) -> str:
