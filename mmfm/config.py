@@ -18,9 +18,11 @@ import yaml
 
 from mmfm.errors import ConfigError
 
-FAMILIES = ("mmfm", "segmentation")
-# The objective's loss terms and their default weights (objective.loss_weights; words: caption-word classification).
-LOSS_WEIGHTS = {"itc": 1.0, "itm": 1.0, "itm_rank": 0.0, "mlm": 1.0, "qa": 1.0, "words": 0.0}
+FAMILIES = ("mmfm", "segmentation", "tokenizer")
+# The objective's loss terms and their default weights (objective.loss_weights; words: caption-word classification;
+# recon_* .. lfq_*: the video tokenizer's, mmfm/tasks/tokenizer.py, with MAGVIT-v2's LFQ weights).
+LOSS_WEIGHTS = {"itc": 1.0, "itm": 1.0, "itm_rank": 0.0, "mlm": 1.0, "qa": 1.0, "words": 0.0,
+                "recon_l1": 0.0, "recon_l2": 1.0, "perceptual": 0.0, "lfq_entropy": 0.1, "lfq_commit": 0.25}
 
 
 @dataclass
@@ -44,7 +46,7 @@ class ModelConfig:
     drop_path: float = 0.0
     rolling: bool = True             # temporal token rolling for videos, unimodal and joint passes
     text_bigram: bool = True         # add a projection of the previous word to each text token (word order)
-    vision_tokenizer: str = "patch"  # mmfm.list_vision_tokenizers(): patch | conv | patch_conv | backbone | tubelet
+    vision_tokenizer: str = "patch"  # mmfm.list_vision_tokenizers(): patch, conv, backbone, tubelet, cvivit, ...
     vision_tokenizer_kwargs: dict = field(default_factory=dict)
     itm_pair_features: bool = False  # ITM also reads the product of the pair's ITC features (models/model.py)
     answer_pair_features: bool = False  # answer heads also read question [CLS] * image [CLS] (MLB pooling)
@@ -69,7 +71,27 @@ class SegmentationModelConfig:
     fuses = False
 
 
-MODEL_CONFIGS = {"mmfm": ModelConfig, "segmentation": SegmentationModelConfig}
+@dataclass
+class TokenizerModelConfig:
+    """A C-ViViT video tokenizer with discrete codes (``family: tokenizer``, mmfm/tokenizers/cvivit.py)."""
+
+    arch: str = ""
+    family: str = "tokenizer"
+    img_size: int = 64
+    patch_size: int = 8              # spatial compression: one token per patch x patch pixels
+    tubelet_size: int = 4            # temporal compression after the first frame: clips of 1 + k * tubelet_size
+    width: int = 128
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    spatial_depth: int = 2           # encoder layers within a token-frame (the decoder mirrors the encoder)
+    temporal_depth: int = 2          # causal encoder layers along time, per grid position
+    quantizer: str = "fsq"           # fsq | lfq (vector-quantize-pytorch)
+    levels: list = field(default_factory=lambda: [8, 5, 5, 5])  # fsq: levels per code dimension (product = codes)
+    codebook_size: int = 1024        # lfq: a power of two (one bit per code dimension)
+    fuses = False
+
+
+MODEL_CONFIGS = {"mmfm": ModelConfig, "segmentation": SegmentationModelConfig, "tokenizer": TokenizerModelConfig}
 
 
 @dataclass
@@ -165,7 +187,7 @@ class EvalConfig:
 
 @dataclass
 class Config:
-    model: ModelConfig | SegmentationModelConfig = field(default_factory=ModelConfig)
+    model: ModelConfig | SegmentationModelConfig | TokenizerModelConfig = field(default_factory=ModelConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -226,7 +248,8 @@ def from_dict(cls, data: dict, prefix: str = ""):
     return cls(**values)
 
 
-def model_config(block: dict, prefix: str = "model.", presets: bool = True) -> ModelConfig | SegmentationModelConfig:
+def model_config(block: dict, prefix: str = "model.",
+                 presets: bool = True) -> ModelConfig | SegmentationModelConfig | TokenizerModelConfig:
     """A model block: the preset named by its ``arch`` (if any, and ``presets``), overridden by the block's
     own keys. A checkpoint's stored block is complete and read with ``presets=False``."""
     from mmfm.architectures import architecture

@@ -153,7 +153,8 @@ def _batch_size(cfg: Config, task, world_size: int) -> int:
 def train(cfg: Config, output: str | Path, resume: str | None = None, quiet: bool = False,
           run_eval: bool = True) -> dict:
     """Train, save OUTPUT/model.safetensors (the weight EMA with train.ema_decay, the raw weights then in
-    OUTPUT/model_raw.safetensors), evaluate it, and write metrics.json, curves.png, config.yaml."""
+    OUTPUT/model_raw.safetensors), evaluate it, and write metrics.json, curves.png, config.yaml and the figures
+    of the tasks that evaluate it (a tokenizer's reconstructions.png)."""
     from mmfm.engine.trainer import Trainer, make_accelerator, plot_history
 
     output = Path(output)
@@ -173,6 +174,7 @@ def train(cfg: Config, output: str | Path, resume: str | None = None, quiet: boo
         save_model(model, output / "model.safetensors")
         if run_eval:
             metrics.update(timed_evaluate(model, run.cfg, quiet))
+            write_figures(model, run.cfg, output)
         write_metrics(output / "metrics.json", metrics)
         plot_history(output)
     accelerator.wait_for_everyone()
@@ -181,14 +183,25 @@ def train(cfg: Config, output: str | Path, resume: str | None = None, quiet: boo
 
 def evaluate(model: nn.Module, cfg: Config, quiet: bool = True) -> dict:
     """Every evaluation of ``eval.metrics`` that a task of the model's family serves; a flat metrics dict."""
-    wanted, family = set(cfg.eval.metrics), model.arch_dict()["family"]
+    wanted = set(cfg.eval.metrics)
     model.eval()
     metrics: dict = {}
-    for name in list_tasks():
-        task = get_task(name)
-        if task.family == family and wanted & set(task.metrics):
-            metrics.update(task.evaluate(model, cfg, wanted, quiet))
+    for task in _evaluating_tasks(model, cfg):
+        metrics.update(task.evaluate(model, cfg, wanted, quiet))
     return metrics
+
+
+def write_figures(model: nn.Module, cfg: Config, output: Path) -> None:
+    """The figures of the tasks that evaluate the model (``Task.write_figures``), into ``output``."""
+    for task in _evaluating_tasks(model, cfg):
+        task.write_figures(model, cfg, output)
+
+
+def _evaluating_tasks(model: nn.Module, cfg: Config) -> list:
+    """The tasks of the model's family that serve a metric of ``eval.metrics``."""
+    wanted, family = set(cfg.eval.metrics), model.arch_dict()["family"]
+    return [get_task(name) for name in list_tasks()
+            if get_task(name).family == family and wanted & set(get_task(name).metrics)]
 
 
 def timed_evaluate(model: nn.Module, cfg: Config, quiet: bool = True) -> dict:
@@ -245,6 +258,7 @@ def cmd_eval(args) -> int:
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     write_metrics(output / "metrics.json", metrics)
+    write_figures(model, cfg, output)
     print({k: v for k, v in metrics.items() if "/" not in k})
     return 0
 

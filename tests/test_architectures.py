@@ -14,7 +14,7 @@ def test_every_preset_is_listed_and_builds():
     assert {"mmfm-demo", "mmfm-small", "mmfm-vit-s16", "p2at-small-seg", "mmfm-small-biformer-tiny"} <= set(names)
     for name in names:
         model = mmfm.create_model(name)
-        assert model.arch_dict()["family"] in ("mmfm", "segmentation"), name
+        assert model.arch_dict()["family"] in ("mmfm", "segmentation", "tokenizer"), name
 
 
 def test_a_run_config_names_a_preset_and_overrides_its_fields():

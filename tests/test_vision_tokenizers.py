@@ -25,6 +25,9 @@ TOKENIZERS = {
     "tubelet": ({"tubelet_size": 2}, 5, 3),
     # stride 8: a 4x4 grid at 32 px; zero_init_last (a timm kwarg) would zero the residual branches' gradients
     "backbone": ({"name": "resnet18", "out_index": 2, "zero_init_last": False}, 3, 3),
+    # an untrained C-ViViT (an architecture instead of a checkpoint), fine-tuned: its parameters take gradient
+    "cvivit": ({"arch": {"img_size": SIZE, "patch_size": PATCH, "tubelet_size": 2, "width": 32, "heads": 2,
+                         "spatial_depth": 1, "temporal_depth": 1, "levels": [5, 5, 5]}, "frozen": False}, 5, 3),
 }
 
 
@@ -52,7 +55,7 @@ def test_every_tokenizer_is_registered_and_public():
 
 
 def test_unknown_tokenizer_names_the_choices():
-    with pytest.raises(ModelError, match="'pixels'.*backbone, conv, patch, patch_conv, tubelet"):
+    with pytest.raises(ModelError, match="'pixels'.*backbone, conv, cvivit, patch, patch_conv, tubelet"):
         create_vision_tokenizer("pixels", WIDTH, SIZE, PATCH)
 
 
@@ -126,7 +129,7 @@ def test_gradients_reach_every_tokenizer_parameter(name):
         [n for n, p in params.items() if p.grad is None or p.grad.abs().sum() == 0]
 
 
-@pytest.mark.parametrize("name", ["patch", "conv", "patch_conv", "tubelet"])
+@pytest.mark.parametrize("name", ["patch", "conv", "patch_conv", "tubelet", "cvivit"])
 def test_sizes_off_the_patch_grid_are_clear_errors(name):
     trunk = trunk_with(name)
     with pytest.raises(ModelError, match="30x32 is not a multiple of patch 8"):

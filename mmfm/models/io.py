@@ -9,10 +9,11 @@ Every error is a ``ModelError`` naming the file. torch is imported on first load
 list/verify`` and the downloader start fast.
 
 A stored architecture (a checkpoint's metadata, a zoo entry's ``architecture``) is data from a file, not an
-instruction: its keys must be the fields of ``ModelConfig`` / ``SegmentationModelConfig`` (anything else is a
-``ModelError``), and the backbone kwargs that name a weight source (``WEIGHT_SOURCE_KEYS``: a URL, a file, a
-Hub id, a cache folder, ``pretrained``) are dropped, so building it never downloads or opens anything; the
-weights come from the checkpoint.
+instruction: its keys must be the fields of ``ModelConfig`` / ``SegmentationModelConfig`` /
+``TokenizerModelConfig`` (anything else is a ``ModelError``), and the backbone / vision-tokenizer kwargs that
+name a weight source (``WEIGHT_SOURCE_KEYS``: a URL, a file, a Hub id, a cache folder, ``pretrained``, a
+C-ViViT ``checkpoint``) are dropped, so building it never downloads or opens anything; the weights come from
+the checkpoint.
 """
 
 from __future__ import annotations
@@ -39,9 +40,12 @@ FORMAT_VERSION = "2"
 PICKLE_SUFFIXES = (".pth", ".pt", ".bin")
 # Backbone kwargs that say where weights come from: ``timm.create_model``'s own (pretrained_cfg and its overlay
 # may hold a url / file / hf_hub_id; checkpoint_path is opened even without ``pretrained``) and mmfm's
-# pretrained_file. tests/test_zoo_model.py checks that every I/O parameter of timm.create_model is listed.
+# pretrained_file, and the cvivit vision tokenizer's checkpoint (a trunk stores that tokenizer's architecture and
+# weights itself). tests/test_zoo_model.py checks that every I/O parameter of timm.create_model is listed.
 WEIGHT_SOURCE_KEYS = frozenset({"pretrained", "pretrained_file", "pretrained_cfg", "pretrained_cfg_overlay",
-                                "checkpoint_path", "cache_dir"})
+                                "checkpoint_path", "cache_dir", "checkpoint"})
+# The kwargs block of each family that may name a weight source (a tokenizer model has none).
+WEIGHT_KWARGS = {"mmfm": "vision_tokenizer_kwargs", "segmentation": "backbone_kwargs"}
 
 
 @dataclass
@@ -67,11 +71,16 @@ def save_model(model: nn.Module, path: str | Path) -> None:
 
 def build_model(arch, answers: dict | None = None, preprocess: dict | None = None,
                 attention_backend: str = "auto") -> nn.Module:
-    """A fresh model of architecture ``arch`` (a ModelConfig / SegmentationModelConfig) by its family."""
+    """A fresh model of architecture ``arch`` (a ModelConfig / SegmentationModelConfig / TokenizerModelConfig)
+    by its family."""
     if arch.family == "segmentation":
         from mmfm.models.segmentation import SegmentationModel
 
         return SegmentationModel(arch.backbone, arch.num_classes, arch.backbone_kwargs, preprocess)
+    if arch.family == "tokenizer":
+        from mmfm.tokenizers.cvivit import CViViT
+
+        return CViViT(arch, preprocess, attention_backend)
     from mmfm.models.model import MMFM
 
     return MMFM(arch, answers, preprocess, attention_backend=attention_backend)
@@ -157,7 +166,9 @@ def stored_architecture(arch: dict, where):
         config = model_config(arch, prefix=f"{where}: architecture ", presets=False)
     except ConfigError as err:
         raise ModelError(str(err)) from None
-    field = "backbone_kwargs" if config.family == "segmentation" else "vision_tokenizer_kwargs"
+    field = WEIGHT_KWARGS.get(config.family)
+    if field is None:
+        return config
     kwargs = getattr(config, field)
     return replace(config, **{field: {k: v for k, v in kwargs.items() if k not in WEIGHT_SOURCE_KEYS}})
 

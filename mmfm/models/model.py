@@ -216,7 +216,9 @@ class MMFM(nn.Module):
         return logits + self.answer_pair_heads[head](product)
 
     def arch_dict(self) -> dict:
-        return asdict(self.cfg)
+        arch = asdict(self.cfg)
+        arch["vision_tokenizer_kwargs"] = self.trunk.vision_tokenizer.stored_kwargs(arch["vision_tokenizer_kwargs"])
+        return arch
 
 
 def _unclaimed(members: list, claimed: set[int]) -> list[nn.Parameter]:

@@ -69,6 +69,9 @@ class Task:
         """The metrics of ``wanted`` (a subset of ``metrics``) whose annotation files exist."""
         return {}
 
+    def write_figures(self, model: nn.Module, cfg: Config, output: Path) -> None:
+        """Figures of an evaluated model beside its metrics.json (the tokenizer's reconstructions); none by default."""
+
 
 class TaskLoss(nn.Module):
     """A task's loss: ``forward(batch, run) -> {"loss": ..., <logged values>}``; ``run`` is the run's

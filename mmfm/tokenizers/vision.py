@@ -13,6 +13,7 @@ the rolling index once, for every tokenizer. Chosen by ``model.vision_tokenizer`
   ``backbone``  any timm feature model (CrossViT, TNT, BiFormer, HorNet, P2AT, ResNets): one feature map
                 through a 1x1 projection (Linear) to the width
   ``tubelet``   C-ViViT (Villegas et al. 2022): the first frame patched alone, later frames as t x p x p tubelets
+  ``cvivit``    a trained C-ViViT tokenizer's discrete codes or quantised latents (``mmfm/tokenizers/cvivit.py``)
 
 A new tokenizer is one ``VisionTokenizer`` subclass decorated with ``@register_vision_tokenizer(name)``: its
 ``__init__`` takes ``(width, img_size, patch_size, in_chans, **own_kwargs)`` and it implements ``forward``
@@ -87,6 +88,10 @@ class VisionTokenizer(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         return set()
+
+    def stored_kwargs(self, kwargs: dict) -> dict:
+        """The ``model.vision_tokenizer_kwargs`` a checkpoint stores to rebuild this tokenizer (as given, by default)."""
+        return kwargs
 
     def load_patch_embed(self, proj: nn.Conv2d) -> None:
         """Start from a ViT's linear patch embedding (``UnifiedTrunk.from_timm``); only patch tokenizers can."""
@@ -292,3 +297,7 @@ class BackboneTokenizer(VisionTokenizer):
     def forward(self, frames):
         feature = self.feature_map(frames)
         return self.proj(feature.flatten(2).transpose(1, 2)), (feature.shape[2], feature.shape[3])
+
+
+# Tokenizers in files of their own register when imported here, after the names they use are defined.
+from mmfm.tokenizers import cvivit  # noqa: F401
