@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -104,14 +105,7 @@ def write_video_preview(data_dir: Path, path: Path, count: int = 2, frame_step: 
 
 
 def _wrap(text: str, width: int) -> str:
-    lines, line = [], ""
-    for word in text.split():
-        if line and len(line) + 1 + len(word) > width:
-            lines.append(line)
-            line = word
-        else:
-            line = f"{line} {word}".strip()
-    return "\n".join(lines + [line])
+    return textwrap.fill(text, width, break_long_words=False)
 
 
 def _write_shards(args: argparse.Namespace) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import sys
+import textwrap
 from collections import Counter
 from pathlib import Path
 
@@ -180,11 +181,4 @@ def write_grid(items: list[tuple[Image.Image, str]], path, columns: int = 4) -> 
 
 def _wrap(text: str, width: int) -> str:
     text = text if len(text) <= 3 * width else text[:3 * width - 3] + "..."
-    lines, line = [], ""
-    for word in text.split():
-        if line and len(line) + 1 + len(word) > width:
-            lines.append(line)
-            line = word
-        else:
-            line = f"{line} {word}".strip()
-    return "\n".join(lines + [line])
+    return textwrap.fill(text, width, break_long_words=False)

@@ -17,6 +17,7 @@ machine) and `*_idle_estimate` (workers / that time), and the machine load befor
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import os
 import time
@@ -99,7 +100,7 @@ def run(args) -> dict:
     result.update(measure("shard_video_cps", videos, args.video_batch_size, args.workers, args.clips))
     if not args.skip_convert:
         convert = _sibling("convert")
-        parser = __import__("argparse").ArgumentParser()
+        parser = argparse.ArgumentParser()
         convert.add_arguments(parser)
         result.update({k: v for k, v in convert.run(parser.parse_args([])).items() if k.startswith("convert")})
     result["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
