@@ -19,7 +19,8 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from mmfm.data.shapes import SIZES, render_image, render_video, write_mp4
+from mmfm.data.shapes import SIZES, render_image, render_video
+from mmfm.data.video import write_mp4
 from mmfm.inference.server import create_app
 from mmfm.inference.web import STRIP_FRAMES, STRIP_GAP, THUMB_SIZE, endpoints
 

@@ -26,10 +26,10 @@ import random
 from multiprocessing import Pool
 from pathlib import Path
 
-import av
 import numpy as np
 from PIL import Image, ImageDraw
 
+from mmfm.data.video import write_mp4
 from mmfm.errors import DataError
 
 DEFAULT_IMAGES = 20000
@@ -669,18 +669,6 @@ def render_video(scene: dict, rng: np.random.Generator) -> list[np.ndarray]:
     return frames
 
 
-def write_mp4(path: Path, frames: list[np.ndarray], fps: int = VIDEO_FPS) -> None:
-    """H.264 yuv420p MP4 with a short GOP so that decoders can seek cheaply."""
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.height, stream.width = frames[0].shape[:2]
-        stream.pix_fmt = "yuv420p"
-        stream.options = {"preset": "ultrafast", "crf": "18", "g": "8", "threads": "1"}
-        for array in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")))
-        container.mux(stream.encode())
-
-
 # ---------------------------------------------------------------- per-item work (runs in the pool)
 
 
@@ -700,7 +688,7 @@ def _image_item(out_dir: Path, seed: int, split: str, scene: dict) -> dict:
 
 def _video_item(out_dir: Path, seed: int, split: str, scene: dict) -> dict:
     index = scene["video_id"]
-    write_mp4(out_dir / scene["video"], render_video(scene, _np_rng(seed, split, index, "video")))
+    write_mp4(out_dir / scene["video"], render_video(scene, _np_rng(seed, split, index, "video")), VIDEO_FPS)
     rng = _rng(seed, split, index, "video-text")
     return {
         "captions": video_captions(scene["objects"], rng),

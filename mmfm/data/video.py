@@ -71,6 +71,7 @@ class VideoInfo:
     width: int
     height: int
     frames: int  # declared count, else duration x frame rate; 0 when the container says neither
+    fps: float = 0.0  # the stream's average frame rate; 0 when the container does not say
 
 
 def probe_video(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> VideoInfo:
@@ -91,7 +92,8 @@ def probe_video(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> VideoInfo:
         if width <= 0 or height <= 0:
             raise UnreadableFile(path, "the container does not give the frame size")
         # a count guessed from a tiny probe (MPEG-PS / FLV) is unreliable: only the size is used
-        return VideoInfo(width, height, _declared_frames(container, stream) if streams_in_header else 0)
+        frames = _declared_frames(container, stream) if streams_in_header else 0
+        return VideoInfo(width, height, frames, float(stream.average_rate or 0))
 
 
 def _open_limited(path: str, max_pixels: int):
@@ -227,6 +229,20 @@ def _decode_pyav(path: str, indices: np.ndarray, max_pixels: int) -> tuple[dict[
         except av.FFmpegError:
             pass
     return kept, seen
+
+
+def write_mp4(path, frames: list[np.ndarray], fps: float = 8, lossless: bool = False) -> None:
+    """(H, W, 3) uint8 frames as H.264 MP4 with a short GOP so that decoders can seek cheaply: yuv420p at
+    crf 18, or ``lossless`` (yuv444p, qp 0: only the RGB -> YUV rounding is lost)."""
+    with av.open(str(path), mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=round(fps) or 8)
+        stream.height, stream.width = frames[0].shape[:2]
+        stream.pix_fmt = "yuv444p" if lossless else "yuv420p"
+        quality = {"qp": "0"} if lossless else {"crf": "18"}
+        stream.options = {"preset": "ultrafast", **quality, "g": "8", "threads": "1"}
+        for array in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(array, format="rgb24")))
+        container.mux(stream.encode())
 
 
 def _first_line(err: BaseException | None) -> str:
