@@ -88,6 +88,7 @@ class TokenizerModelConfig:
     quantizer: str = "fsq"           # fsq | lfq (vector-quantize-pytorch)
     levels: list = field(default_factory=lambda: [8, 5, 5, 5])  # fsq: levels per code dimension (product = codes)
     codebook_size: int = 1024        # lfq: a power of two (one bit per code dimension)
+    num_codebooks: int = 1           # codes per token, each from the codebook (codes gain a last axis when > 1)
     fuses = False
 
 

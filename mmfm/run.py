@@ -77,7 +77,7 @@ def preprocess_of(cfg: Config) -> dict:
 
 def initial_model(cfg: Config, answers: dict) -> nn.Module:
     """A fresh model of ``cfg.model``, started from ``train.init`` when given (timm ViT or mmfm checkpoint)."""
-    model = build_model(cfg.model, answers, preprocess_of(cfg), cfg.train.attention_backend)
+    model = build_model(with_local_tokenizer(cfg.model), answers, preprocess_of(cfg), cfg.train.attention_backend)
     if isinstance(model, MMFM):
         model.temp.data.fill_(cfg.objective.temp)
         model.trunk.set_grad_checkpointing(cfg.train.grad_checkpointing)
@@ -94,6 +94,17 @@ def initial_model(cfg: Config, answers: dict) -> nn.Module:
         for head in relisted:
             _carry_answer_rows(model, source, head)
     return model
+
+
+def with_local_tokenizer(model_cfg):
+    """``model.vision_tokenizer_kwargs.checkpoint`` may name a zoo model (``mmfm-cvivit-shapes``): it becomes
+    that model's verified local file."""
+    kwargs = getattr(model_cfg, "vision_tokenizer_kwargs", None) or {}
+    checkpoint = kwargs.get("checkpoint")
+    if not isinstance(checkpoint, str) or not checkpoint or Path(checkpoint).exists():
+        return model_cfg
+    local = str(resolve_checkpoint(checkpoint, quiet=True))
+    return replace(model_cfg, vision_tokenizer_kwargs={**kwargs, "checkpoint": local})
 
 
 def _load_fitting(model: nn.Module, source: nn.Module, name: str, skip: tuple[str, ...] = ()) -> None:

@@ -1,6 +1,6 @@
 """C-ViViT (mmfm/tokenizers/cvivit.py) and the tokenizer task: the first-frame path, causality, the quantiser round
-trip and code usage, frame counts, training through `mmfm train` (artefacts, resume, reload), and the trunk's
-frozen `cvivit` vision tokenizer."""
+trip (one or several codes a token) and code usage, frame counts, training through `mmfm train` (artefacts,
+resume, reload), the trunk's frozen `cvivit` vision tokenizer (also from a zoo name) and `mmfm reconstruct`."""
 
 import json
 import shutil
@@ -12,9 +12,12 @@ from PIL import Image
 
 import mmfm
 from mmfm.cli import main as mmfm_main
-from mmfm.config import TokenizerModelConfig
-from mmfm.errors import ModelError
+from mmfm.config import TokenizerModelConfig, load_config
+from mmfm.data.transforms import eval_transform
+from mmfm.data.video import VideoRetrievalEvalDataset, load_clip
+from mmfm.errors import InputError, ModelError
 from mmfm.evaluation.reconstruction import CodeUsage, psnr
+from mmfm.inference.reconstruct import reconstruct_annotations
 from mmfm.models.io import load_model, save_model
 from mmfm.tokenizers.cvivit import CViViT
 from mmfm.tokenizers.vision import create_vision_tokenizer
@@ -24,11 +27,13 @@ SIZE = 32
 TINY = {"img_size": SIZE, "patch_size": 8, "tubelet_size": 4, "width": 32, "heads": 2, "spatial_depth": 1,
         "temporal_depth": 1, "levels": [5, 5, 5], "codebook_size": 64}
 CODEBOOKS = {"fsq": 125, "lfq": 64}
+MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 
 
-def tiny(quantizer: str = "fsq") -> CViViT:
+def tiny(quantizer: str = "fsq", **change) -> CViViT:
     torch.manual_seed(0)
-    return CViViT(TokenizerModelConfig(**TINY, quantizer=quantizer)).eval()
+    return CViViT(TokenizerModelConfig(**(TINY | change), quantizer=quantizer)).eval()
 
 
 def randn(*shape, seed=0):
@@ -74,16 +79,19 @@ def test_changing_a_frame_changes_no_code_of_earlier_frames(quantizer, frame):
 
 @torch.no_grad()
 @pytest.mark.parametrize("quantizer", CODEBOOKS)
-def test_quantiser_round_trip(quantizer):
-    model = tiny(quantizer)
+@pytest.mark.parametrize("num_codebooks", [1, 2])
+def test_quantiser_round_trip(quantizer, num_codebooks):
+    model = tiny(quantizer, num_codebooks=num_codebooks)
     size = model.codebook_size
     assert size == CODEBOOKS[quantizer]
     recon, encoding = model(randn(2, 5, 3, SIZE, SIZE))
+    assert encoding.codes.shape == (2, 2, 16, num_codebooks)[:3 if num_codebooks == 1 else 4]
     assert encoding.codes.dtype == torch.long and 0 <= encoding.codes.min() <= encoding.codes.max() < size
-    latents = model.quantizer.codes_to_latents(encoding.codes.flatten(1)).view_as(encoding.quantized)
+    latents = model.quantizer.codes_to_latents(encoding.codes.flatten(1, 2)).view_as(encoding.quantized)
     assert torch.allclose(latents, encoding.quantized, atol=1e-5), "codes -> latents gives the quantised latents"
     assert torch.allclose(model.decode_codes(encoding.codes, encoding.grid), recon, atol=1e-5)
-    every_code = model.quantizer.codes_to_latents(torch.arange(size)[None])[0]
+    codes = torch.arange(size)[None] if num_codebooks == 1 else torch.arange(size)[None, :, None].expand(1, size, 2)
+    every_code = model.quantizer.codes_to_latents(codes)[0]
     assert len(torch.unique(every_code, dim=0)) == size, "each code is its own latent"
 
 
@@ -135,6 +143,7 @@ def test_any_frame_count_one_plus_k_tubelets_works_and_others_are_clear_errors()
     ({"quantizer": "lfq", "codebook_size": 100}, "model.codebook_size=100: LFQ needs a power of two"),
     ({"levels": [8, 2]}, r"model.levels=\[8, 2\]: FSQ needs a list of integers >= 3"),
     ({"width": 30, "heads": 4}, "model.width=30 must be even and divisible by model.heads=4"),
+    ({"num_codebooks": 0}, "model.num_codebooks=0: a token needs at least one code"),
 ])
 def test_bad_architectures_are_clear_errors(change, message):
     with pytest.raises(ModelError, match=message):
@@ -241,6 +250,18 @@ def test_a_frozen_tokenizer_gets_no_gradient_in_trunk_training(tokenizer_run):
 
 
 @torch.no_grad()
+def test_codes_of_several_codebooks_embed_as_the_sum_of_one_table_per_position():
+    arch = TINY | {"num_codebooks": 2}
+    tokenizer = create_vision_tokenizer("cvivit", 48, SIZE, 8, arch=arch, use="codes")
+    clip = randn(2, 5, 3, SIZE, SIZE)
+    tokens, grid = tokenizer.forward_video(clip)
+    codes = tokenizer.quantizer(tokenizer.encoder(clip)[0].flatten(1, 2))[1]
+    size = tokenizer.quantizer.codebook_size
+    expected = tokenizer.embed.weight[codes[..., 0]] + tokenizer.embed.weight[size + codes[..., 1]]
+    assert grid == (4, 4) and torch.allclose(tokens.flatten(1, 2), expected, atol=1e-6)
+
+
+@torch.no_grad()
 @pytest.mark.parametrize("use", ["latents", "codes"])
 def test_a_trunk_checkpoint_rebuilds_its_tokenizer_without_the_tokenizer_file(tokenizer_run, tmp_path, use):
     output, _ = tokenizer_run
@@ -255,3 +276,71 @@ def test_a_trunk_checkpoint_rebuilds_its_tokenizer_without_the_tokenizer_file(to
     again = load_model(tmp_path / "trunk.safetensors")
     assert again.arch_dict()["vision_tokenizer_kwargs"]["arch"]["width"] == 32
     assert torch.allclose(again.encode_vision(clip).feat, trunk.encode_vision(clip).feat, atol=1e-6)
+
+
+def test_a_zoo_name_as_the_tokenizer_checkpoint_becomes_its_local_file(tmp_path, monkeypatch):
+    from mmfm.run import with_local_tokenizer
+
+    monkeypatch.setenv("MMFM_HOME", str(tmp_path))
+    cfg = load_config(REPO / "configs" / "demo_shapes.yaml", [
+        "model.vision_tokenizer=cvivit", "model.vision_tokenizer_kwargs={checkpoint: mmfm-cvivit-shapes}"])
+    local = Path(with_local_tokenizer(cfg.model).vision_tokenizer_kwargs["checkpoint"])
+    assert local.is_file() and tmp_path in local.parents
+    assert isinstance(load_model(local), CViViT)
+    cfg.model.vision_tokenizer_kwargs["checkpoint"] = "mmfm-cvivit-nope"
+    with pytest.raises(ModelError, match="mmfm-cvivit-nope: no such run directory .* `mmfm zoo list`"):
+        with_local_tokenizer(cfg.model)
+
+
+# ---- `mmfm reconstruct` ----------------------------------------------------------------------------------------
+
+VIDEO_FILES = ["annotations/video_test.json", "annotations/videoqa_test.json"]
+
+
+def test_reconstruct_writes_every_video_losslessly_beside_the_annotations(tokenizer_run, tiny_shapes, tmp_path,
+                                                                          capsys):
+    output, _ = tokenizer_run
+    out = tmp_path / "recon"
+    assert mmfm_main(["--quiet", "reconstruct", "--model", str(output), "--root", str(tiny_shapes), "--out", str(out),
+                      "--annotations", *VIDEO_FILES, "--batch-size", "3"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    videos = sorted({e["video"] for name in VIDEO_FILES for e in json.loads((tiny_shapes / name).read_text())})
+    assert summary["videos"] == summary["reconstructed"] == len(videos) and summary["psnr"] > 10
+    for name in VIDEO_FILES:
+        assert (out / name).read_bytes() == (tiny_shapes / name).read_bytes()
+    model = load_model(output)
+    original = load_clip(str(tiny_shapes / videos[0]), 4)  # the tiny corpus: 4 frames of 64 px
+    resize = eval_transform(SIZE)  # the tokenizer's size, 32 px
+    pixels = resize.frames(original, resize.sample(64, 64, None))
+    padded = torch.cat([pixels, pixels[-1:]])[None]  # 4 frames -> 5 = 1 + 4 * 1
+    with torch.no_grad():
+        expected = ((model(padded)[0][0, :4] * STD + MEAN).clamp(0, 1) * 255).round()
+    written = load_clip(str(out / videos[0]), 4).permute(0, 3, 1, 2).float()
+    assert written.shape == expected.shape == (4, 3, SIZE, SIZE)
+    assert (written - expected).abs().max() <= 3, "lossless: only the RGB -> YUV rounding"
+    assert (written - (pixels * STD + MEAN) * 255).abs().mean() > 1, "a reconstruction, not a copy"
+    again = VideoRetrievalEvalDataset(out / VIDEO_FILES[0], root=str(out), num_frames=2)
+    assert again[0]["video"].shape[0] == 2, "evaluation reads the reconstructions with data.root=OUT"
+    stamp = (out / videos[0]).stat().st_mtime_ns
+    assert mmfm_main(["--quiet", "reconstruct", "--model", str(output), "--root", str(tiny_shapes), "--out", str(out),
+                      "--annotations", *VIDEO_FILES]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["reconstructed"] == 0
+    assert (out / videos[0]).stat().st_mtime_ns == stamp, "a re-run keeps what is already written"
+
+
+def test_reconstruct_names_bad_input(tokenizer_run, tiny_shapes, tmp_path, capsys):
+    output, _ = tokenizer_run
+    absolute = tmp_path / "absolute.json"
+    absolute.write_text(json.dumps([{"video": str(tiny_shapes / "videos" / "x.mp4"), "caption": "x"}]))
+    with pytest.raises(InputError, match="absolute.json: video .* is absolute"):
+        reconstruct_annotations(load_model(output), tmp_path, ["absolute.json"], tmp_path / "out")
+    images = "annotations/retrieval_test.json"
+    with pytest.raises(InputError, match="retrieval_test.json: .* is not an ALBEF video annotation list"):
+        reconstruct_annotations(load_model(output), tiny_shapes, [images], tmp_path / "out")
+    with pytest.raises(InputError, match="is the data root itself"):
+        reconstruct_annotations(load_model(output), tiny_shapes, VIDEO_FILES, tiny_shapes)
+    trunk = tmp_path / "trunk.safetensors"
+    save_model(mmfm.create_model("mmfm-demo", depth=2, fusion_layer=1), trunk)
+    assert mmfm_main(["reconstruct", "--model", str(trunk), "--root", str(tiny_shapes), "--out", str(tmp_path / "o"),
+                      "--annotations", VIDEO_FILES[0]]) == 2
+    assert "a 'mmfm' model, not a video tokenizer" in capsys.readouterr().err

@@ -5,6 +5,7 @@
     mmfm vqa --model M --image photo.png --question "what colour is the circle?"
     mmfm classify --model M --image photo.png --labels "circle,square,star" [--json]
     mmfm serve --model M --index idx/ --host 127.0.0.1 --port 8000 [--max-decode-pixels N]
+    mmfm reconstruct --model T --root data/shapes --annotations annotations/video_test.json --out recon/
 
 M is a zoo name, a run directory or a .safetensors file. torch is imported only when a command runs.
 """
@@ -85,6 +86,16 @@ def register(subparsers) -> None:
                             "(default: one video at the clip limit, 300000000)")
     serve.set_defaults(func=cmd_serve)
 
+    recon = subparsers.add_parser("reconstruct", help="videos of annotation files through a video tokenizer "
+                                                      "and back, to evaluate models on its reconstructions")
+    _model_argument(recon)
+    recon.add_argument("--root", required=True, help="the data root the annotations' video paths are relative to")
+    recon.add_argument("--annotations", nargs="+", required=True,
+                       help="ALBEF video annotation files, relative to --root; copied to --out")
+    recon.add_argument("--out", required=True, help="written like --root: evaluate with data.root=OUT")
+    recon.add_argument("--batch-size", type=int, default=8)
+    recon.set_defaults(func=cmd_reconstruct)
+
 
 def _model_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="zoo name, run directory or .safetensors file")
@@ -95,6 +106,23 @@ def _pipeline(args):
     from mmfm.inference.pipeline import load
 
     return load(args.model, device=args.device)
+
+
+def cmd_reconstruct(args: argparse.Namespace) -> int:
+    import torch
+
+    from mmfm.factory import create_model
+    from mmfm.inference.reconstruct import reconstruct_annotations
+
+    model = create_model(args.model, pretrained=True)
+    if not hasattr(model, "decode_codes"):
+        raise InputError(f"--model {args.model}: a {model.arch_dict().get('family')!r} model, not a video "
+                         "tokenizer; pass a C-ViViT (`mmfm zoo list`: family tokenizer, or a tokenizer run)")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    summary = reconstruct_annotations(model.to(device).eval(), args.root, args.annotations, args.out,
+                                      args.batch_size, quiet=args.quiet)
+    print(json.dumps(summary))
+    return 0
 
 
 def expand_files(pattern: str, kind: str) -> list[str]:

@@ -9,7 +9,8 @@ token-frames) instead of a learned relative bias; no GAN discriminator; linear h
 
     clip (B, 1 + k*t, C, H, W) ─► first frame as p x p patches, later frames as t x p x p tubelets
         ─► spatial transformer within each token-frame ─► causal temporal transformer per grid position
-        ─► FSQ / LFQ per token: codes (B, 1 + k, h*w) ─► decoder: the mirror (causal temporal, then spatial)
+        ─► FSQ / LFQ per token: codes (B, 1 + k, h*w[, num_codebooks])
+        ─► decoder: the mirror (causal temporal, then spatial)
 
 A token-frame's codes depend only on the frames up to its own, so any frame count 1 + k*t works and an image
 is a one-frame clip whose codes are those of a clip's first token-frame.
@@ -179,10 +180,11 @@ class CViViTDecoder(nn.Module):
 
 
 class Quantizer(nn.Module):
-    """FSQ or LFQ of vector-quantize-pytorch on (B, L, D) latents -> quantised latents, codes (B, L), losses.
+    """FSQ or LFQ of vector-quantize-pytorch on (B, L, D) latents -> quantised latents, codes, losses.
 
-    Both project D down to the code dimensions and back. LFQ's entropy and commitment terms come back
-    unweighted (the task weighs them with ``objective.loss_weights.lfq_*``); FSQ has no loss.
+    Codes are (B, L), or (B, L, num_codebooks) with several codes a token (the library's convention), each
+    from the same codebook. Both project D down to the code dimensions (times num_codebooks) and back. LFQ's
+    entropy and commitment terms come back unweighted (the task weighs them with ``objective.loss_weights.lfq_*``); FSQ has no loss.
     """
 
     def __init__(self, cfg: TokenizerModelConfig):
@@ -195,12 +197,13 @@ class Quantizer(nn.Module):
             if not levels or not all(isinstance(n, int) and n >= 3 for n in levels):
                 raise ModelError(f"model.levels={levels!r}: FSQ needs a list of integers >= 3 (e.g. [8, 5, 5, 5]: "
                                  "1,000 codes)")
-            self.inner = FSQ(levels=levels, dim=cfg.width)
+            self.inner = FSQ(levels=levels, dim=cfg.width, num_codebooks=cfg.num_codebooks)
         else:
             size = cfg.codebook_size
             if size < 2 or size & (size - 1):
                 raise ModelError(f"model.codebook_size={size}: LFQ needs a power of two (one bit per code dimension)")
-            self.inner = LFQ(dim=cfg.width, codebook_size=size, entropy_loss_weight=1.0, commitment_loss_weight=1.0)
+            self.inner = LFQ(dim=cfg.width, codebook_size=size, num_codebooks=cfg.num_codebooks,
+                             entropy_loss_weight=1.0, commitment_loss_weight=1.0)
         self.codebook_size = int(self.inner.codebook_size)
 
     def forward(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
@@ -215,14 +218,14 @@ class Quantizer(nn.Module):
         return quantized, codes.long(), losses
 
     def codes_to_latents(self, codes: torch.Tensor) -> torch.Tensor:
-        """(B, L) codes -> (B, L, D) quantised latents, as ``forward`` gives them."""
+        """(B, L[, num_codebooks]) codes -> (B, L, D) quantised latents, as ``forward`` gives them."""
         return self.inner.indices_to_codes(codes)
 
 
 @dataclass
 class Encoding:
     quantized: torch.Tensor        # (B, T', h*w, D) what the decoder reads
-    codes: torch.Tensor            # (B, T', h*w) code indices in [0, codebook_size)
+    codes: torch.Tensor            # (B, T', h*w[, num_codebooks]) code indices in [0, codebook_size)
     grid: tuple[int, int]
     losses: dict                   # the quantiser's training losses (LFQ), unweighted
 
@@ -248,15 +251,16 @@ class CViViT(nn.Module):
         latents, grid = self.encoder(clips)
         batch, frames, cells, width = latents.shape
         quantized, codes, losses = self.quantizer(latents.reshape(batch, frames * cells, width))
-        return Encoding(quantized.view_as(latents), codes.view(batch, frames, cells), grid, losses)
+        codes = codes.view(batch, frames, cells, *codes.shape[2:])
+        return Encoding(quantized.view_as(latents), codes, grid, losses)
 
     def decode(self, quantized: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         return self.decoder(quantized, grid)
 
     def decode_codes(self, codes: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """Pixels of (B, T', h*w) codes, e.g. ones a generator sampled."""
-        latents = self.quantizer.codes_to_latents(codes.flatten(1))
-        return self.decode(latents.view(*codes.shape, -1), grid)
+        """Pixels of (B, T', h*w[, num_codebooks]) codes, e.g. ones a generator sampled."""
+        latents = self.quantizer.codes_to_latents(codes.flatten(1, 2))
+        return self.decode(latents.view(*codes.shape[:3], -1), grid)
 
     def forward(self, clips: torch.Tensor) -> tuple[torch.Tensor, Encoding]:
         encoding = self.encode(clips)
@@ -271,6 +275,8 @@ def _check(cfg: TokenizerModelConfig) -> None:
         raise ModelError(f"model.quantizer={cfg.quantizer!r}: use one of {', '.join(QUANTIZERS)}")
     if cfg.width % cfg.heads or cfg.width % 2:
         raise ModelError(f"model.width={cfg.width} must be even and divisible by model.heads={cfg.heads}")
+    if cfg.num_codebooks < 1:
+        raise ModelError(f"model.num_codebooks={cfg.num_codebooks}: a token needs at least one code")
     if cfg.tubelet_size < 1 or cfg.patch_size < 1:
         raise ModelError(f"model.tubelet_size={cfg.tubelet_size} and model.patch_size={cfg.patch_size} must be >= 1")
 
@@ -282,7 +288,8 @@ def _check(cfg: TokenizerModelConfig) -> None:
 class CViViTTokenizer(VisionTokenizer):
     """A C-ViViT's encoder and quantiser as the trunk's vision tokenizer (Phenaki's tokens, one per t x p x p).
 
-    ``use: latents`` projects the quantised latents to the trunk width (a Linear); ``use: codes`` embeds the
+    ``use: latents`` projects the quantised latents to the trunk width (a Linear, then a LayerNorm: the frozen
+    latents come at about a third of the scale of linear patch tokens); ``use: codes`` embeds the
     code indices (an Embedding of the codebook). ``frozen`` (default): the C-ViViT stays in eval mode and gets
     no gradient, only the projection / embedding trains. The pixels must be normalised as the tokenizer was
     trained (its ``data.mean`` / ``data.std``; both runs default to ImageNet's); ``model.patch_size`` is the
@@ -311,9 +318,11 @@ class CViViTTokenizer(VisionTokenizer):
         self.arch, self.frozen, self.use = model.arch_dict(), frozen, use
         self.encoder, self.quantizer = model.encoder, model.quantizer
         if use == "latents":
-            self.proj = nn.Linear(model.cfg.width, width)
-        else:
-            self.embed = nn.Embedding(model.codebook_size, width)
+            self.proj = nn.Sequential(nn.Linear(model.cfg.width, width), nn.LayerNorm(width))
+        else:  # one table per codebook position, the embeddings of a token's codes summed
+            self.embed = nn.Embedding(model.codebook_size * model.cfg.num_codebooks, width)
+            offsets = torch.arange(model.cfg.num_codebooks) * model.codebook_size
+            self.register_buffer("code_offsets", offsets, persistent=False)
         if frozen:
             self.encoder.requires_grad_(False)
             self.quantizer.requires_grad_(False)
@@ -337,7 +346,10 @@ class CViViTTokenizer(VisionTokenizer):
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
             latents, grid = self.encoder(clips)
             quantized, codes, _ = self.quantizer(latents.flatten(1, 2))
-        tokens = self.proj(quantized) if self.use == "latents" else self.embed(codes)
+        if self.use == "latents":
+            tokens = self.proj(quantized)
+        else:
+            tokens = self.embed(codes.view(*codes.shape[:2], -1) + self.code_offsets).sum(-2)
         return tokens.view(*latents.shape[:3], -1), grid
 
     def stored_kwargs(self, kwargs: dict) -> dict:
