@@ -56,9 +56,9 @@ def _truncate(path, keep=0.6):
 # ---- data: limits before and after decoding ----------------------------------------------------------
 
 def test_probe_reads_size_and_declared_frames_from_the_header(tmp_path, write_mp4, big_video, no_decoding):
-    assert video.probe_video(big_video) == video.VideoInfo(BIG, BIG, 2)
+    assert video.probe_video(big_video) == video.VideoInfo(BIG, BIG, 2, fps=8.0)
     mkv = write_mp4(tmp_path / "clip.mkv", _frames(24, 32, 64))  # MKV: no count, duration x frame rate
-    assert video.probe_video(mkv, max_pixels=100) == video.VideoInfo(64, 32, 24)
+    assert video.probe_video(mkv, max_pixels=100) == video.VideoInfo(64, 32, 24, fps=8.0)
 
 
 def test_video_over_the_frame_limit_is_a_bad_sample_and_is_not_decoded(tmp_path, write_mp4, write_json,
