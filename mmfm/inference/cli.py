@@ -113,9 +113,10 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
 
     from mmfm.factory import create_model
     from mmfm.inference.reconstruct import reconstruct_annotations
+    from mmfm.tokenizers.cvivit import CViViT
 
     model = create_model(args.model, pretrained=True)
-    if not hasattr(model, "decode_codes"):
+    if not isinstance(model, CViViT):
         raise InputError(f"--model {args.model}: a {model.arch_dict().get('family')!r} model, not a video "
                          "tokenizer; pass a C-ViViT (`mmfm zoo list`: family tokenizer, or a tokenizer run)")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

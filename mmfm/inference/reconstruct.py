@@ -9,8 +9,9 @@ written under OUT at the same relative paths, and each annotation file is copied
     mmfm eval --checkpoint mmfm-shapes-s --config configs/demo_shapes.yaml --output runs/recon_eval \\
         data.root=runs/recon 'eval.metrics=[video_retrieval,video_qa]'
 
-A video of T frames is decoded whole, resized and centre-cropped to the tokenizer's image size, padded with copies of its last frame to the tokenizer's 1 + k*t and cut
-back to T after decoding (the codes are causal: padding changes no earlier frame). Reconstructions are written
+A video of T frames is decoded whole, resized and centre-cropped to the tokenizer's image size, padded with
+copies of its last frame to the tokenizer's 1 + k*t and cut back to T after decoding (the codes are causal:
+padding changes no earlier frame). Reconstructions are written
 as lossless H.264 (yuv444p, qp 0), so the only loss is the tokenizer's.
 """
 
@@ -58,11 +59,9 @@ def _preprocess(model) -> dict:
     return {"image_size": model.cfg.img_size, "mean": IMAGENET_MEAN, "std": IMAGENET_STD, **model.preprocess}
 
 
-def _pixels(model, frames: torch.Tensor) -> torch.Tensor:
-    """uint8 (T, H, W, 3) -> normalised (T, 3, S, S) as the tokenizer was trained: short side resized to its
-    image size, centre crop."""
-    settings = _preprocess(model)
-    transform = eval_transform(settings["image_size"], mean=tuple(settings["mean"]), std=tuple(settings["std"]))
+def _pixels(transform, frames: torch.Tensor) -> torch.Tensor:
+    """uint8 (T, H, W, 3) -> normalised (T, 3, S, S) by the tokenizer's eval transform (short side resized to
+    its image size, centre crop)."""
     height, width = frames.shape[1:3]
     return transform.frames(frames, transform.sample(width, height, None))
 
@@ -107,10 +106,11 @@ def _batches(root: Path, videos: list[str], batch_size: int):
 
 @torch.no_grad()
 def _reconstruct_batch(model, out: Path, batch: list[tuple[str, torch.Tensor, float]]) -> list[float]:
-    pixels = torch.stack([_pixels(model, clip) for _, clip, _ in batch])  # (B, T, 3, S, S) normalised
+    settings = _preprocess(model)
+    transform = eval_transform(settings["image_size"], mean=tuple(settings["mean"]), std=tuple(settings["std"]))
+    pixels = torch.stack([_pixels(transform, clip) for _, clip, _ in batch])  # (B, T, 3, S, S) normalised
     count, tubelet = pixels.shape[1], model.cfg.tubelet_size
     pixels = torch.cat([pixels, pixels[:, -1:].expand(-1, (-(count - 1)) % tubelet, -1, -1, -1)], dim=1)
-    settings = _preprocess(model)
     mean, std = (torch.tensor(settings[key]).view(3, 1, 1) for key in ("mean", "std"))
     recon = model(pixels.to(next(model.parameters()).device))[0][:, :count].cpu()
     scores = psnr(recon, pixels[:, :count], settings["mean"], settings["std"]).tolist()

@@ -184,7 +184,8 @@ class Quantizer(nn.Module):
 
     Codes are (B, L), or (B, L, num_codebooks) with several codes a token (the library's convention), each
     from the same codebook. Both project D down to the code dimensions (times num_codebooks) and back. LFQ's
-    entropy and commitment terms come back unweighted (the task weighs them with ``objective.loss_weights.lfq_*``); FSQ has no loss.
+    entropy and commitment terms come back unweighted (the task weighs them with
+    ``objective.loss_weights.lfq_*``); FSQ has no loss.
     """
 
     def __init__(self, cfg: TokenizerModelConfig):
